@@ -1,0 +1,5 @@
+//! `tributed` entry point.
+
+fn main() {
+    println!("tributed {}", env!("CARGO_PKG_VERSION"));
+}
