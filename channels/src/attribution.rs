@@ -77,7 +77,8 @@ impl AttributionVector {
                 contributor_key,
                 weight: 0,
             });
-            entry.weight = entry.weight.checked_add(*weight).ok_or(AttributionError::WeightOverflow)?;
+            entry.weight =
+                entry.weight.checked_add(*weight).ok_or(AttributionError::WeightOverflow)?;
         }
         Ok(AttributionVector {
             model_id: self.model_id.clone(),

@@ -44,7 +44,11 @@ pub enum AuthError {
 
 impl AuthChallenge {
     /// Checks a signed answer against the challenge that was issued, at time `now`.
-    pub fn check_answer(&self, answer: &Signed<AuthChallenge>, now: Timestamp) -> Result<PublicKey, AuthError> {
+    pub fn check_answer(
+        &self,
+        answer: &Signed<AuthChallenge>,
+        now: Timestamp,
+    ) -> Result<PublicKey, AuthError> {
         if answer.message != *self {
             return Err(AuthError::ChallengeMismatch);
         }

@@ -27,7 +27,11 @@ pub const CHANNEL_ID_TAG: &str = "tribute/channel-id/v1";
 pub const CHANNEL_STATE_LEN: usize = 1 + 1 + 32 + 32 + 8 + 16 + 8 + 32 + 1;
 
 /// `tagged_hash("tribute/channel-id/v1", provider key || contributor key || nonce)`.
-pub fn derive_channel_id(provider: &PublicKey, contributor: &PublicKey, nonce: &[u8; 32]) -> ChannelId {
+pub fn derive_channel_id(
+    provider: &PublicKey,
+    contributor: &PublicKey,
+    nonce: &[u8; 32],
+) -> ChannelId {
     let mut buf = [0u8; 96];
     buf[..32].copy_from_slice(&provider.to_bytes());
     buf[32..64].copy_from_slice(&contributor.to_bytes());
@@ -446,7 +450,10 @@ impl PayeeChannel {
     }
 
     /// Rebuilds from storage; the stored state is checked like an incoming one.
-    pub fn restore(params: &ChannelParams, latest: Signed<ChannelState>) -> Result<Self, Rejection> {
+    pub fn restore(
+        params: &ChannelParams,
+        latest: Signed<ChannelState>,
+    ) -> Result<Self, Rejection> {
         Self::new(params).accept(latest)
     }
 
@@ -481,15 +488,18 @@ impl PayeeChannel {
     }
 }
 
-fn check_successor(prev: &Signed<ChannelState>, next: &Signed<ChannelState>) -> Result<(), Rejection> {
+fn check_successor(
+    prev: &Signed<ChannelState>,
+    next: &Signed<ChannelState>,
+) -> Result<(), Rejection> {
     let (p, n) = (&prev.message, &next.message);
     if n.seq == p.seq {
         return Err(if n == p {
             Rejection::Replay
         } else {
             Rejection::Equivocation(Box::new(EquivocationProof {
-                first: prev.clone(),
-                second: next.clone(),
+                first: *prev,
+                second: *next,
             }))
         });
     }

@@ -125,7 +125,11 @@ impl<'a> Reader<'a> {
         Ok(u128::from_be_bytes(self.array()?))
     }
     /// A byte string with a one-byte length prefix, at most `max` long.
-    pub fn short_bytes(&mut self, field: &'static str, max: usize) -> Result<&'a [u8], DecodeError> {
+    pub fn short_bytes(
+        &mut self,
+        field: &'static str,
+        max: usize,
+    ) -> Result<&'a [u8], DecodeError> {
         let len = usize::from(self.u8()?);
         if len > max {
             return Err(DecodeError::TooLong(field));

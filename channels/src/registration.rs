@@ -97,7 +97,8 @@ impl Encode for ContributorRegistration {
         let node_id = if flags & HAS_NODE_ID != 0 { Some(r.array::<33>()?) } else { None };
         let bolt12_offer = if flags & HAS_OFFER != 0 {
             let raw = r.long_bytes("bolt12_offer", MAX_OFFER_LEN)?;
-            let s = core::str::from_utf8(raw).map_err(|_| DecodeError::InvalidField("bolt12_offer"))?;
+            let s =
+                core::str::from_utf8(raw).map_err(|_| DecodeError::InvalidField("bolt12_offer"))?;
             Some(s.to_owned())
         } else {
             None

@@ -68,7 +68,7 @@ pub struct RunRejected {
 impl TrainingRun {
     /// Sorts `datasets` into canonical order (callers may give them in any order).
     pub fn canonicalize(&mut self) {
-        self.datasets.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        self.datasets.sort_unstable_by_key(|d| d.0);
     }
 
     /// Checks the record's own form.

@@ -6,6 +6,7 @@ mod common;
 
 use common::{keypair, pubkey};
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 use tribute_channels::channel::{
     ChannelParams, ChannelState, ChannelStatus, PayeeChannel, PayerChannel, Rejection,
 };
@@ -33,7 +34,12 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn params(nonce: u8, network: Network) -> ChannelParams {
-    ChannelParams { network, provider_key: pubkey(1), contributor_key: pubkey(2), nonce: [nonce; 32] }
+    ChannelParams {
+        network,
+        provider_key: pubkey(1),
+        contributor_key: pubkey(2),
+        nonce: [nonce; 32],
+    }
 }
 
 fn payment_hash(n: u64) -> [u8; 32] {
@@ -83,7 +89,14 @@ fn run(ops: &[Op], p: &ChannelParams) -> (Vec<Signed<ChannelState>>, Vec<PayeeCh
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
+    #![proptest_config(ProptestConfig {
+        cases: 96,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/proptest-regressions/channel_props.txt"
+        )))),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn payee_accepts_every_state_in_order_and_rejects_the_rest(ops in prop::collection::vec(op(), 1..40)) {
@@ -150,12 +163,9 @@ fn a_state_signed_by_another_key_is_refused() {
     let p = params(1, Network::Regtest);
     let head = *PayerChannel::open(&p).accrue(Nsat(10)).expect("accrue").head();
     let mut forged = Signed::sign(head, &keypair(1), &[0; 32]).expect("sign");
-    let other = Signed::sign(
-        ChannelState { provider_key: pubkey(3), ..head },
-        &keypair(3),
-        &[0; 32],
-    )
-    .expect("sign");
+    let other =
+        Signed::sign(ChannelState { provider_key: pubkey(3), ..head }, &keypair(3), &[0; 32])
+            .expect("sign");
     forged.signature = other.signature;
     assert_eq!(PayeeChannel::new(&p).accept(forged), Err(Rejection::BadSignature));
     assert_eq!(PayeeChannel::new(&p).accept(other), Err(Rejection::WrongProvider));

@@ -44,15 +44,27 @@ fn licence_windows_uses_and_revocation() {
     let net = Network::Regtest;
     assert_eq!(l.allows(None, net, Use::Training, Timestamp(T0)), Ok(()));
     assert_eq!(l.allows(None, net, Use::Training, Timestamp(T0 + 1000)), Ok(()));
-    assert_eq!(l.allows(None, net, Use::Training, Timestamp(T0 - 1)), Err(LicenceProblem::NotYetValid));
-    assert_eq!(l.allows(None, net, Use::Training, Timestamp(T0 + 1001)), Err(LicenceProblem::Expired));
+    assert_eq!(
+        l.allows(None, net, Use::Training, Timestamp(T0 - 1)),
+        Err(LicenceProblem::NotYetValid)
+    );
+    assert_eq!(
+        l.allows(None, net, Use::Training, Timestamp(T0 + 1001)),
+        Err(LicenceProblem::Expired)
+    );
     assert_eq!(
         l.allows(None, net, Use::Retrieval, Timestamp(T0)),
         Err(LicenceProblem::UseNotPermitted(Use::Retrieval))
     );
-    assert_eq!(l.allows(None, Network::Bitcoin, Use::Training, Timestamp(T0)), Err(LicenceProblem::WrongNetwork));
+    assert_eq!(
+        l.allows(None, Network::Bitcoin, Use::Training, Timestamp(T0)),
+        Err(LicenceProblem::WrongNetwork)
+    );
     let late = Licence { signed_at: Timestamp(T0 + 5), ..l.clone() };
-    assert_eq!(late.allows(None, net, Use::Training, Timestamp(T0 + 4)), Err(LicenceProblem::SignedAfterUse));
+    assert_eq!(
+        late.allows(None, net, Use::Training, Timestamp(T0 + 4)),
+        Err(LicenceProblem::SignedAfterUse)
+    );
     let rev = Revocation {
         network: net,
         dataset_hash: l.dataset_hash,
@@ -61,7 +73,10 @@ fn licence_windows_uses_and_revocation() {
         revoked_at: Timestamp(T0 + 500),
     };
     assert_eq!(l.allows(Some(&rev), net, Use::Training, Timestamp(T0 + 499)), Ok(()));
-    assert_eq!(l.allows(Some(&rev), net, Use::Training, Timestamp(T0 + 500)), Err(LicenceProblem::Revoked));
+    assert_eq!(
+        l.allows(Some(&rev), net, Use::Training, Timestamp(T0 + 500)),
+        Err(LicenceProblem::Revoked)
+    );
     // A revocation of another licence does not touch this one.
     let other = Revocation { licence_id: [0; 32], ..rev };
     assert!(other.check_matches(&l).is_err());
@@ -165,7 +180,7 @@ fn attribution_vectors_are_versioned_sums_per_contributor() {
     let v = AttributionVector::derive(model.clone(), &runs, owner).expect("derive");
     assert_eq!(v.version, 2);
     let w = v.contributor_weights().expect("weights");
-    let mut expect = vec![(pubkey(2), 10u64), (pubkey(3), 20)];
+    let mut expect = [(pubkey(2), 10u64), (pubkey(3), 20)];
     expect.sort();
     assert_eq!(w.entries(), &expect[..]);
     let v1 = AttributionVector::empty(model.clone()).with_run(&runs[0], owner).expect("v1");
@@ -180,7 +195,8 @@ fn attribution_vectors_are_versioned_sums_per_contributor() {
         Err(AttributionError::WeightOverflow)
     );
     // Per-request attribution goes through the same owner mapping.
-    let w = request_weights(&[(DatasetHash([1; 32]), 1), (DatasetHash([2; 32]), 2)], owner).expect("w");
+    let w =
+        request_weights(&[(DatasetHash([1; 32]), 1), (DatasetHash([2; 32]), 2)], owner).expect("w");
     assert_eq!(w.entries(), &[(pubkey(2), 3)]);
     assert_eq!(
         request_weights(&[(DatasetHash([1; 32]), 1), (DatasetHash([1; 32]), 2)], owner),
@@ -223,7 +239,10 @@ fn login_answers_are_bound_to_their_challenge() {
     assert_eq!(challenge.check_answer(&answer, Timestamp(T0 + 61)), Err(AuthError::Expired));
     let other = AuthChallenge { nonce: [8; 32], ..challenge.clone() };
     let replayed = Signed::sign(other, &keypair(2), &[0; 32]).expect("sign");
-    assert_eq!(challenge.check_answer(&replayed, Timestamp(T0 + 1)), Err(AuthError::ChallengeMismatch));
+    assert_eq!(
+        challenge.check_answer(&replayed, Timestamp(T0 + 1)),
+        Err(AuthError::ChallengeMismatch)
+    );
     let mut forged = answer;
     forged.signature = replayed.signature;
     assert_eq!(challenge.check_answer(&forged, Timestamp(T0 + 1)), Err(AuthError::BadSignature));

@@ -82,7 +82,9 @@ fn all_vectors() -> Vec<Vector> {
                     id[1..].copy_from_slice(&contributor.to_bytes());
                     id
                 }),
-                bolt12_offer: Some("lno1qgsqvgnwgcg35z6ee2h3yczraddm72xrfua9uve2rlrm9deu7xyfzr".into()),
+                bolt12_offer: Some(
+                    "lno1qgsqvgnwgcg35z6ee2h3yczraddm72xrfua9uve2rlrm9deu7xyfzr".into(),
+                ),
                 registered_at: Timestamp(1_700_000_001),
             },
         ),
@@ -172,8 +174,10 @@ fn committed_signatures_verify_only_under_their_own_tag() {
         serde_json::from_str(&std::fs::read_to_string(PATH).expect("vectors file")).expect("parse");
     for v in &committed {
         let bytes = hex::decode(&v.bytes).expect("hex");
-        let sig = schnorr::Signature::from_slice(&hex::decode(&v.signature).expect("hex")).expect("sig");
-        let sk = secp256k1::SecretKey::from_slice(&hex::decode(&v.secret_key).expect("hex")).expect("sk");
+        let sig =
+            schnorr::Signature::from_slice(&hex::decode(&v.signature).expect("hex")).expect("sig");
+        let sk = secp256k1::SecretKey::from_slice(&hex::decode(&v.secret_key).expect("hex"))
+            .expect("sk");
         let (xonly, _) = sk.x_only_public_key(secp());
         assert_eq!(hex::encode(tagged_hash(&v.tag, &bytes)), v.digest, "{}", v.kind);
         for tag in ALL_TAGS {
