@@ -497,10 +497,7 @@ fn check_successor(
         return Err(if n == p {
             Rejection::Replay
         } else {
-            Rejection::Equivocation(Box::new(EquivocationProof {
-                first: *prev,
-                second: *next,
-            }))
+            Rejection::Equivocation(Box::new(EquivocationProof { first: *prev, second: *next }))
         });
     }
     if n.seq < p.seq {

@@ -3,3 +3,16 @@
 //! The protocol rules themselves live in `tribute-channels`.
 
 pub use tribute_channels as channels;
+
+pub mod auth;
+pub mod config;
+pub mod devchain;
+pub mod error;
+pub mod grpc;
+pub mod hub;
+pub mod keys;
+pub mod ledger;
+pub mod meter;
+pub mod registry;
+pub mod server;
+pub mod store;

@@ -1,5 +1,198 @@
-//! `tributed` entry point.
+//! `tributed`: the Tribute daemon.
+//!
+//! ```text
+//! tributed run                                   # serve (config: --config / TRIBUTE_* / flags)
+//! tributed token create --role provider          # print a new bearer token (shown once)
+//! tributed token create --role contributor --contributor <KEY-HEX>
+//! tributed token list | tributed token revoke <TOKEN-ID>
+//! tributed backup <DEST>                         # consistent copy of the live database
+//! ```
 
-fn main() {
-    println!("tributed {}", env!("CARGO_PKG_VERSION"));
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tribute_channels::{PublicKey, Timestamp};
+use tribute_daemon::auth::{Role, TokenStore};
+use tribute_daemon::config::{Config, ConfigArgs};
+use tribute_daemon::ledger::unix_now;
+use tribute_daemon::{server, store};
+
+#[derive(Parser)]
+#[command(
+    name = "tributed",
+    version,
+    about = "Tribute: pays the people whose data trained a model, per use."
+)]
+struct Cli {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon until SIGINT/SIGTERM, then drain and stop.
+    Run,
+    /// Manage bearer tokens (works while the daemon runs; changes apply within 2 s).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Write a consistent copy of the live database to DEST (which must not exist).
+    Backup {
+        /// Destination file.
+        dest: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it (it is stored only as a hash: save it now).
+    Create {
+        /// provider, contributor, operator or accountant.
+        #[arg(long)]
+        role: Role,
+        /// The contributor key (hex) a contributor token is bound to.
+        #[arg(long)]
+        contributor: Option<String>,
+        /// A label for the token list.
+        #[arg(long, default_value = "")]
+        label: String,
+        /// Lifetime in seconds (default: no expiry).
+        #[arg(long)]
+        expires_in_secs: Option<u64>,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token by id.
+    Revoke {
+        /// The token id shown by `create` and `list`.
+        token_id: String,
+    },
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if config.log.json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn token_store(config: &Config) -> Result<TokenStore, String> {
+    server::prepare_data_dir(&config.data_dir).map_err(|e| e.to_string())?;
+    let db = server::database_path(&config.data_dir);
+    drop(store::initialize(&db, config.storage.durability).map_err(|e| e.to_string())?);
+    let conn = store::connect(&db, config.storage.durability).map_err(|e| e.to_string())?;
+    TokenStore::open(conn).map_err(|e| e.to_string())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let config = cli.config.load().map_err(|e| e.to_string())?;
+    match cli.command {
+        Command::Run => {
+            init_tracing(&config);
+            let daemon = server::start(config).await.map_err(|e| e.to_string())?;
+            let (stop, mut task) = daemon.into_stopper();
+            tokio::select! {
+                _ = shutdown_signal() => {
+                    tracing::info!("stopping: draining accepted requests");
+                    let _ = stop.send(());
+                    task_wait(task).await
+                }
+                done = &mut task => done.map_err(|e| e.to_string())?.map_err(|e| e.to_string()),
+            }
+        }
+        Command::Token { command } => {
+            let tokens = token_store(&config)?;
+            let now = Timestamp(unix_now());
+            match command {
+                TokenCommand::Create { role, contributor, label, expires_in_secs } => {
+                    let key = contributor
+                        .map(|k| PublicKey::from_hex(&k))
+                        .transpose()
+                        .map_err(|e| format!("--contributor: {e}"))?;
+                    let expires = expires_in_secs.map(|s| Timestamp(now.0.saturating_add(s)));
+                    let t = tokens
+                        .create(role, key, &label, expires, now)
+                        .map_err(|e| e.to_string())?;
+                    println!("token_id: {}", t.token_id);
+                    println!("token:    {}", t.secret);
+                }
+                TokenCommand::List => {
+                    for t in tokens.list().map_err(|e| e.to_string())? {
+                        println!(
+                            "{}\t{}\t{}\t{}\t{}",
+                            t.token_id,
+                            t.role,
+                            t.contributor_key.map(|k| k.to_hex()).unwrap_or_else(|| "-".into()),
+                            if t.revoked_at.is_some() { "revoked" } else { "active" },
+                            t.label
+                        );
+                    }
+                }
+                TokenCommand::Revoke { token_id } => {
+                    tokens.revoke(&token_id, now).map_err(|e| e.to_string())?;
+                    println!("revoked {token_id}");
+                }
+            }
+            Ok(())
+        }
+        Command::Backup { dest } => {
+            let db = server::database_path(&config.data_dir);
+            let conn = store::connect(&db, config.storage.durability).map_err(|e| e.to_string())?;
+            store::backup(&conn, &dest).map_err(|e| e.to_string())?;
+            println!("backed up {} to {}", db.display(), dest.display());
+            Ok(())
+        }
+    }
+}
+
+async fn task_wait(
+    task: tokio::task::JoinHandle<Result<(), server::DaemonError>>,
+) -> Result<(), String> {
+    task.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tributed: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tributed: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -13,3 +13,14 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("trib
 
 /// The `domain` of every `ErrorInfo` this API attaches.
 pub const ERROR_DOMAIN: &str = "tribute.v1";
+
+/// Reads the `ErrorReason` a Tribute status carries (its `ErrorInfo` in domain
+/// `tribute.v1`), if any.
+pub fn error_reason(status: &tonic::Status) -> Option<v1::ErrorReason> {
+    use tonic_types::StatusExt;
+    let info = status.get_details_error_info()?;
+    if info.domain != ERROR_DOMAIN {
+        return None;
+    }
+    v1::ErrorReason::from_str_name(&info.reason)
+}

@@ -1,0 +1,229 @@
+//! `tribute.v1.Channels`: the signed channel stream and channel lookups.
+
+use super::{blocking, optional_key};
+use crate::auth::{authorize, channel_subject, policy, require_own_channel};
+use crate::error::ApiError;
+use crate::hub::{Hub, HubEvent};
+use crate::ledger::{latest_signed_state, ChannelRow};
+use crate::store::{self, SharedConn, StoreError};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status};
+use tribute_channels::channel::{ChannelState, ChannelStatus};
+use tribute_channels::codec::Encode;
+use tribute_channels::{ChannelId, Network, PublicKey, Signed};
+use tribute_proto::v1 as pb;
+use tribute_proto::v1::channels_server::Channels;
+use tribute_proto::v1::ErrorReason;
+
+/// Events buffered between a subscriber's task and its gRPC stream.
+const STREAM_BUFFER: usize = 256;
+
+/// The channels service.
+pub struct ChannelsService {
+    hub: Arc<Hub>,
+    reader: SharedConn,
+    network: Network,
+    provider_key: PublicKey,
+}
+
+impl ChannelsService {
+    /// Serves channel lookups from `reader` and streams from `hub`.
+    pub fn new(
+        hub: Arc<Hub>,
+        reader: SharedConn,
+        network: Network,
+        provider_key: PublicKey,
+    ) -> Self {
+        ChannelsService { hub, reader, network, provider_key }
+    }
+}
+
+fn state_event(s: &Signed<ChannelState>) -> pb::ChannelEvent {
+    pb::ChannelEvent {
+        event: Some(pb::channel_event::Event::State(pb::SignedState {
+            signed_state: s.encode(),
+            seq: s.message.seq,
+        })),
+    }
+}
+
+fn status_name(s: ChannelStatus) -> &'static str {
+    match s {
+        ChannelStatus::Active => "active",
+        ChannelStatus::Closing => "closing",
+        ChannelStatus::Closed => "closed",
+    }
+}
+
+const CHANNEL_COLUMNS: &str =
+    "contributor_key, nonce, status, seq, accrued_msat, accrued_rem_nsat, settled_msat,
+     last_settlement_hash, head_signed, channel_id";
+
+fn channel_pb(
+    conn: &rusqlite::Connection,
+    row: &ChannelRow,
+    network: Network,
+    provider: PublicKey,
+) -> Result<pb::Channel, StoreError> {
+    let (key, nonce, head) = row.head(network, provider)?;
+    let latest = latest_signed_state(conn, &head.channel_id)?;
+    let outstanding = head.outstanding_nsat().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(pb::Channel {
+        channel_id: head.channel_id.0.to_vec(),
+        contributor_key: key.to_bytes().to_vec(),
+        nonce: nonce.to_vec(),
+        status: status_name(head.status).to_owned(),
+        accrued_nsat: head.accrued_nsat.0.to_string(),
+        settled_msat: head.settled_msat.0,
+        outstanding_nsat: outstanding.0.to_string(),
+        seq: head.seq,
+        latest_state: latest
+            .map(|s| pb::SignedState { signed_state: s.encode(), seq: s.message.seq }),
+    })
+}
+
+fn unknown_channel() -> ApiError {
+    ApiError::new(Code::NotFound, ErrorReason::UnknownChannel, "no such channel")
+}
+
+type EventStream = Pin<Box<dyn futures::Stream<Item = Result<pb::ChannelEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Channels for ChannelsService {
+    type SubscribeChannelStream = EventStream;
+
+    async fn subscribe_channel(
+        &self,
+        req: Request<pb::SubscribeChannelRequest>,
+    ) -> Result<Response<Self::SubscribeChannelStream>, Status> {
+        let caller = authorize(&req, policy::READ_CHANNEL)?;
+        let r = req.get_ref();
+        let key = channel_subject(&caller, optional_key(&r.contributor_key, "contributor_key")?)?;
+        let sub = self.hub.subscribe(&key);
+        let mut state = sub.state;
+        let mut events = if r.states_only { None } else { Some(sub.events) };
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(async move {
+            // The latest state first.
+            let first = state.borrow_and_update().as_ref().map(state_event);
+            if let Some(ev) = first {
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+            let mut last_batch = 0u64;
+            let mut dropped = 0u64;
+            loop {
+                // Biased towards events: every payment is published before the state that
+                // covers it, so a subscriber sees a request's micropayment before (never after)
+                // the signed state that includes it.
+                let ev = tokio::select! {
+                    biased;
+                    got = async { match events.as_mut() { Some(e) => e.recv().await, None => std::future::pending().await } } => {
+                        match got {
+                            Ok(HubEvent::Payment { request_id, share_nsat, batch_seq, leaf_index }) => {
+                                if dropped > 0 {
+                                    let gap = pb::Gap { first_batch_seq: last_batch, last_batch_seq: batch_seq, dropped };
+                                    dropped = 0;
+                                    if tx.send(Ok(pb::ChannelEvent { event: Some(pb::channel_event::Event::Gap(gap)) })).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                last_batch = batch_seq;
+                                pb::ChannelEvent { event: Some(pb::channel_event::Event::Payment(pb::Micropayment {
+                                    request_id: request_id.to_string(), share_nsat, batch_seq, leaf_index,
+                                })) }
+                            }
+                            Ok(HubEvent::Settlement { settlement_id, amount_msat, payment_hash, state }) => {
+                                pb::ChannelEvent { event: Some(pb::channel_event::Event::Settlement(pb::SettlementNotice {
+                                    settlement_id: settlement_id.to_vec(), amount_msat, payment_hash: payment_hash.to_vec(),
+                                    state: state.to_owned(),
+                                })) }
+                            }
+                            Err(broadcast::error::RecvError::Lagged(n)) => { dropped += n; continue }
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        }
+                    }
+                    changed = state.changed() => {
+                        if changed.is_err() { return; }
+                        let ev = state.borrow_and_update().as_ref().map(state_event);
+                        match ev { Some(ev) => ev, None => continue }
+                    }
+                };
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_channel(
+        &self,
+        req: Request<pb::GetChannelRequest>,
+    ) -> Result<Response<pb::Channel>, Status> {
+        let caller = authorize(&req, policy::READ_CHANNEL)?;
+        let r = req.into_inner();
+        let (network, provider, reader) = (self.network, self.provider_key, self.reader.clone());
+        let by_id = if r.channel_id.is_empty() {
+            None
+        } else {
+            Some(ChannelId(
+                r.channel_id
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| ApiError::malformed("channel_id", "must be 32 bytes"))?,
+            ))
+        };
+        let key = if by_id.is_some() {
+            None
+        } else {
+            Some(channel_subject(&caller, optional_key(&r.contributor_key, "contributor_key")?)?)
+        };
+        let channel = blocking(move || {
+            let conn = store::lock(&reader);
+            let row = match (by_id, key) {
+                (Some(id), _) => conn
+                    .query_row(&format!("SELECT {CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?1"), [&id.0[..]], ChannelRow::from_row),
+                (None, Some(k)) => conn.query_row(
+                    &format!("SELECT {CHANNEL_COLUMNS} FROM channels WHERE contributor_key = ?1 ORDER BY status = 0 DESC, opened_batch_seq DESC LIMIT 1"),
+                    [&k.to_bytes()[..]],
+                    ChannelRow::from_row,
+                ),
+                (None, None) => return Err(ApiError::malformed("contributor_key", "required")),
+            };
+            let row = match row {
+                Ok(row) => row,
+                Err(rusqlite::Error::QueryReturnedNoRows) => return Err(unknown_channel()),
+                Err(e) => return Err(ApiError::storage(e)),
+            };
+            Ok(channel_pb(&conn, &row, network, provider)?)
+        })
+        .await?;
+        // A contributor may look a channel up by id only if it is its own.
+        let owner = super::key(&channel.contributor_key, "contributor_key")?;
+        require_own_channel(&caller, &owner).map_err(|_| unknown_channel())?;
+        Ok(Response::new(channel))
+    }
+
+    async fn list_channels(
+        &self,
+        req: Request<pb::ListChannelsRequest>,
+    ) -> Result<Response<pb::ListChannelsResponse>, Status> {
+        authorize(&req, policy::LIST_CHANNELS)?;
+        let (network, provider, reader) = (self.network, self.provider_key, self.reader.clone());
+        let channels = blocking(move || {
+            let conn = store::lock(&reader);
+            let mut stmt = conn
+                .prepare(&format!("SELECT {CHANNEL_COLUMNS} FROM channels ORDER BY contributor_key, opened_batch_seq"))
+                .map_err(ApiError::storage)?;
+            let rows = stmt.query_map([], ChannelRow::from_row).map_err(ApiError::storage)?.collect::<Result<Vec<_>, _>>().map_err(ApiError::storage)?;
+            rows.iter().map(|r| channel_pb(&conn, r, network, provider).map_err(ApiError::from)).collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+        Ok(Response::new(pb::ListChannelsResponse { channels }))
+    }
+}

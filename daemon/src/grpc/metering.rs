@@ -1,0 +1,175 @@
+//! `tribute.v1.Metering`: `Meter` and `MeterStream`.
+
+use crate::auth::{authorize, policy};
+use crate::error::ApiError;
+use crate::ledger::{unix_now, LedgerHandle, MeterJob, MeterOutcome};
+use crate::meter::{prepare, MeterInput, PriceInput};
+use crate::registry::Registry;
+use futures::stream::{FuturesOrdered, StreamExt};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tribute_channels::pricing::Usage;
+use tribute_channels::Timestamp;
+use tribute_proto::v1 as pb;
+use tribute_proto::v1::metering_server::Metering;
+
+/// Most requests of one `MeterStream` in flight before it stops reading more.
+pub const STREAM_WINDOW: usize = 4096;
+
+/// The metering service.
+pub struct MeteringService {
+    registry: Arc<Registry>,
+    ledger: LedgerHandle,
+    max_price_nsat: u64,
+    max_message_bytes: usize,
+}
+
+impl MeteringService {
+    /// Meters into `ledger`, validating against `registry`.
+    pub fn new(
+        registry: Arc<Registry>,
+        ledger: LedgerHandle,
+        max_price_nsat: u64,
+        max_message_bytes: usize,
+    ) -> Self {
+        MeteringService { registry, ledger, max_price_nsat, max_message_bytes }
+    }
+
+    /// Validates and queues one request; the receiver resolves once it is durable.
+    fn submit(
+        &self,
+        r: pb::MeterRequest,
+    ) -> Result<oneshot::Receiver<Result<MeterOutcome, ApiError>>, ApiError> {
+        super::check_size(&r, self.max_message_bytes)?;
+        let input = MeterInput {
+            request_id: r.request_id,
+            model_id: r.model_id,
+            price: r.price.map(|p| match p {
+                pb::meter_request::Price::Usage(u) => PriceInput::Usage(Usage {
+                    input_tokens: u.input_tokens,
+                    output_tokens: u.output_tokens,
+                }),
+                pb::meter_request::Price::PriceNsat(n) => PriceInput::Explicit(n),
+            }),
+            attribution: r.attribution.into_iter().map(|d| (d.dataset_hash, d.weight)).collect(),
+        };
+        let prepared =
+            prepare(&self.registry.snapshot(), input, Timestamp(unix_now()), self.max_price_nsat)?;
+        let (reply, rx) = oneshot::channel();
+        self.ledger.submit(MeterJob { prepared, include_shares: r.include_shares, reply })?;
+        Ok(rx)
+    }
+}
+
+async fn answer(
+    rx: oneshot::Receiver<Result<MeterOutcome, ApiError>>,
+) -> Result<pb::MeterResponse, ApiError> {
+    let outcome = rx.await.map_err(|_| {
+        ApiError::new(
+            tonic::Code::Unavailable,
+            tribute_proto::v1::ErrorReason::ShuttingDown,
+            "writer stopped",
+        )
+    })??;
+    Ok(response(outcome))
+}
+
+/// The wire form of an outcome.
+pub fn response(o: MeterOutcome) -> pb::MeterResponse {
+    pb::MeterResponse {
+        receipt: Some(pb::Receipt {
+            request_id: o.request_id,
+            model_id: o.model_id,
+            attribution_version: o.attribution_version,
+            price_nsat: o.price_nsat,
+            pool_nsat: o.pool_nsat,
+            batch_seq: o.batch_seq,
+            leaf_index: o.leaf_index,
+            shares: o
+                .shares
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, n)| pb::Share {
+                    contributor_key: k.to_bytes().to_vec(),
+                    nsat: u64::try_from(n.0).unwrap_or(u64::MAX),
+                })
+                .collect(),
+        }),
+        replayed: o.replayed,
+    }
+}
+
+type MeterStreamOut =
+    Pin<Box<dyn futures::Stream<Item = Result<pb::MeterResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Metering for MeteringService {
+    async fn meter(
+        &self,
+        req: Request<pb::MeterRequest>,
+    ) -> Result<Response<pb::MeterResponse>, Status> {
+        authorize(&req, policy::METER)?;
+        let rx = self.submit(req.into_inner())?;
+        Ok(Response::new(answer(rx).await?))
+    }
+
+    type MeterStreamStream = MeterStreamOut;
+
+    /// Answers in request order. A request that fails (validation, overload, storage) ends
+    /// the stream with its error status — a gRPC stream carries one final status — after
+    /// every earlier request was answered; the client resends from the first unanswered
+    /// request with the same ids, so nothing accrues twice.
+    async fn meter_stream(
+        &self,
+        req: Request<Streaming<pb::MeterRequest>>,
+    ) -> Result<Response<Self::MeterStreamStream>, Status> {
+        authorize(&req, policy::METER)?;
+        let mut input = req.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<pb::MeterResponse, Status>>(1024);
+        let this = MeteringService {
+            registry: self.registry.clone(),
+            ledger: self.ledger.clone(),
+            max_price_nsat: self.max_price_nsat,
+            max_message_bytes: self.max_message_bytes,
+        };
+        tokio::spawn(async move {
+            let mut pending = FuturesOrdered::new();
+            let mut input_open = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(done) = pending.next(), if !pending.is_empty() => {
+                        let done: Result<pb::MeterResponse, ApiError> = done;
+                        let failed = done.is_err();
+                        if tx.send(done.map_err(Status::from)).await.is_err() || failed {
+                            return;
+                        }
+                    }
+                    next = input.next(), if input_open && pending.len() < STREAM_WINDOW => {
+                        match next {
+                            Some(Ok(r)) => match this.submit(r) {
+                                Ok(rx) => pending.push_back(answer(rx)),
+                                Err(e) => {
+                                    // Answered in order, after every earlier request.
+                                    let (failed, rx) = oneshot::channel();
+                                    let _ = failed.send(Err(e));
+                                    pending.push_back(answer(rx));
+                                }
+                            },
+                            Some(Err(status)) => {
+                                tracing::debug!("meter stream input error: {status}");
+                                input_open = false;
+                            }
+                            None => input_open = false,
+                        }
+                    }
+                    else => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

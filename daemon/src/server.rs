@@ -1,0 +1,260 @@
+//! Assembles and runs the daemon: data directory and keys, the database, the registry, the
+//! ledger writer, authentication, and the gRPC server (with health and reflection).
+//!
+//! Shutdown is graceful: the listener stops taking calls, in-flight calls finish, and the
+//! ledger commits everything it accepted and signs the last states before the process
+//! exits.
+
+use crate::auth::{
+    check_listen_policy, AuthService, Authenticator, ChallengeBook, ChallengeLimits, TokenStore,
+};
+use crate::config::Config;
+use crate::grpc::{ChannelsService, MeteringService, ReceiptsService, RegistryService};
+use crate::hub::Hub;
+use crate::keys;
+use crate::ledger::{Ledger, LedgerConfig};
+use crate::registry::Registry;
+use crate::store::{self, StoreError};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tribute_channels::PublicKey;
+use tribute_proto::v1::auth_server::AuthServer;
+use tribute_proto::v1::channels_server::ChannelsServer;
+use tribute_proto::v1::metering_server::MeteringServer;
+use tribute_proto::v1::receipts_server::ReceiptsServer;
+use tribute_proto::v1::registry_server::RegistryServer;
+
+/// How often tokens changed by another process (the `tributed token` command) are picked up.
+pub const TOKEN_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Configuration refused.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Key files.
+    #[error(transparent)]
+    Keys(#[from] keys::KeyError),
+    /// I/O (listening, data directory).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The gRPC server failed.
+    #[error("server: {0}")]
+    Server(#[from] tonic::transport::Error),
+}
+
+/// File names inside the data directory.
+pub mod files {
+    /// The ledger database.
+    pub const DATABASE: &str = "tribute.sqlite";
+    /// The provider's state-signing key.
+    pub const PROVIDER_KEY: &str = "provider.key";
+    /// The secret keysend preimages are derived from.
+    pub const SETTLEMENT_SECRET: &str = "settlement.secret";
+}
+
+/// The database path of a data directory.
+pub fn database_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(files::DATABASE)
+}
+
+/// A running daemon.
+pub struct RunningDaemon {
+    /// The address the gRPC server listens on (the real port when 0 was asked).
+    pub grpc_addr: SocketAddr,
+    /// The provider's state-signing key.
+    pub provider_key: PublicKey,
+    /// The token store (for tests and the admin surface).
+    pub tokens: Arc<TokenStore>,
+    shutdown: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), DaemonError>>,
+}
+
+impl RunningDaemon {
+    /// Stops gracefully and waits until everything accepted is committed.
+    pub async fn shutdown(self) -> Result<(), DaemonError> {
+        let _ = self.shutdown.send(());
+        self.task.await.map_err(|e| DaemonError::Io(std::io::Error::other(e)))?
+    }
+
+    /// Waits until the daemon stops by itself (it only does on error).
+    pub async fn wait(self) -> Result<(), DaemonError> {
+        self.task.await.map_err(|e| DaemonError::Io(std::io::Error::other(e)))?
+    }
+
+    /// Asks the daemon to stop without waiting.
+    pub fn into_stopper(self) -> (oneshot::Sender<()>, JoinHandle<Result<(), DaemonError>>) {
+        (self.shutdown, self.task)
+    }
+}
+
+/// Creates the data directory (mode 0700) if needed.
+pub fn prepare_data_dir(dir: &Path) -> Result<(), std::io::Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.exists() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
+    Ok(())
+}
+
+/// Checks the database belongs to this network and provider key (a data directory is never
+/// reused across either), recording them on first start.
+fn check_identity(
+    conn: &rusqlite::Connection,
+    config: &Config,
+    provider: &PublicKey,
+) -> Result<(), DaemonError> {
+    let network = crate::config::network_name(config.network).as_bytes().to_vec();
+    let key = provider.to_bytes().to_vec();
+    for (name, want) in [("network", network), ("provider_key", key)] {
+        match store::meta_get(conn, name)? {
+            None => store::meta_set(conn, name, &want)?,
+            Some(have) if have == want => {}
+            Some(have) => {
+                return Err(DaemonError::Config(format!(
+                    "database {name} is {}, this daemon's is {}: use another data directory",
+                    String::from_utf8_lossy(&have),
+                    String::from_utf8_lossy(&want)
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts the daemon.
+pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
+    config.validate().map_err(|e| DaemonError::Config(e.to_string()))?;
+    check_listen_policy(&config.listen, config.tls.is_some(), config.auth.required)
+        .map_err(DaemonError::Config)?;
+    if config.tls.is_some() {
+        return Err(DaemonError::Config(
+            "TLS listeners are not built yet: listen on loopback".into(),
+        ));
+    }
+    prepare_data_dir(&config.data_dir)?;
+    let provider = keys::load_or_create_keypair(&config.data_dir.join(files::PROVIDER_KEY))?;
+    keys::load_or_create_secret(&config.data_dir.join(files::SETTLEMENT_SECRET))?;
+    let provider_key = PublicKey::from(provider.x_only_public_key().0);
+    let db = database_path(&config.data_dir);
+    let durability = config.storage.durability;
+    let writer_conn = store::initialize(&db, durability)?;
+    check_identity(&writer_conn, &config, &provider_key)?;
+
+    let registry =
+        Arc::new(Registry::load(store::connect(&db, durability)?, config.network, provider)?);
+    let tokens = Arc::new(TokenStore::open(store::connect(&db, durability)?)?);
+    let reader = Arc::new(Mutex::new(store::connect(&db, durability)?));
+    let hub = Hub::new(config.meter.subscriber_buffer);
+    let ledger = Ledger::start(
+        writer_conn,
+        config.network,
+        provider,
+        registry.clone(),
+        hub.clone(),
+        LedgerConfig {
+            max_batch: config.meter.max_batch,
+            queue_capacity: config.meter.queue_capacity,
+            sign_interval: Duration::from_millis(config.meter.stream_interval_ms),
+        },
+    )?;
+    let challenges = Arc::new(ChallengeBook::new(
+        config.network,
+        provider_key,
+        ChallengeLimits::from(&config.auth),
+    ));
+    let auth = Arc::new(Authenticator::new(tokens.clone(), challenges, config.auth.required));
+
+    let listener = TcpListener::bind(config.listen).await?;
+    let grpc_addr = listener.local_addr()?;
+    let max = config.meter.max_message_bytes;
+    let hard_max = max.saturating_mul(crate::grpc::HARD_LIMIT_FACTOR);
+    let handle = ledger.handle();
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<MeteringServer<MeteringService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tribute_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| DaemonError::Config(format!("reflection: {e}")))?;
+    let i = auth.interceptor();
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(AuthServer::new(AuthService::new(auth.clone())).max_decoding_message_size(max))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            RegistryServer::new(RegistryService::new(registry.clone(), max))
+                .max_decoding_message_size(hard_max),
+            i.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            MeteringServer::new(MeteringService::new(
+                registry.clone(),
+                handle.clone(),
+                config.meter.max_price_nsat,
+                max,
+            ))
+            .max_decoding_message_size(hard_max),
+            i.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            ChannelsServer::new(ChannelsService::new(
+                hub.clone(),
+                reader.clone(),
+                config.network,
+                provider_key,
+            ))
+            .max_decoding_message_size(max),
+            i.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            ReceiptsServer::new(ReceiptsService::new(
+                registry.clone(),
+                reader.clone(),
+                handle.ids().clone(),
+            ))
+            .max_decoding_message_size(max),
+            i,
+        ));
+    drop(handle);
+
+    let (shutdown, stop) = oneshot::channel::<()>();
+    let reload_tokens = tokens.clone();
+    let reloader = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TOKEN_RELOAD_INTERVAL);
+        loop {
+            tick.tick().await;
+            let t = reload_tokens.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || t.reload()).await {
+                tracing::warn!("token reload failed: {e}");
+            }
+        }
+    });
+    tracing::info!(%grpc_addr, provider_key = %provider_key, "tributed listening");
+    let task = tokio::spawn(async move {
+        let served = router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = stop.await;
+                // Channel streams never end by themselves: end them so the server can drain.
+                hub.close();
+            })
+            .await;
+        reloader.abort();
+        // The router (and every ledger handle in it) is gone: drain and stop the writer.
+        let _ = tokio::task::spawn_blocking(move || ledger.shutdown()).await;
+        tracing::info!("tributed stopped");
+        served.map_err(DaemonError::from)
+    });
+    Ok(RunningDaemon { grpc_addr, provider_key, tokens, shutdown, task })
+}

@@ -1,0 +1,129 @@
+//! The SQLite schema, as versioned migrations (`PRAGMA user_version`). A migration, once
+//! released, is never edited: changes are new migrations appended to the list.
+//!
+//! Amounts: SQLite integers are i64, so an `Nsat` (u128) is stored as a whole-msat column
+//! (`*_msat`) plus a sub-msat remainder column (`*_rem_nsat`, `0..10^6`); `Msat` (u64) values
+//! are stored as i64 and checked on the way in and out.
+
+use rusqlite_migration::{Migrations, M};
+
+/// Every migration, in order.
+pub fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up(V1)])
+}
+
+const V1: &str = r#"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) STRICT;
+
+CREATE TABLE contributors (
+    contributor_key BLOB PRIMARY KEY,
+    node_id         BLOB,
+    bolt12_offer    TEXT,
+    registered_at   INTEGER NOT NULL,
+    signed          BLOB NOT NULL
+) STRICT;
+
+CREATE TABLE licences (
+    licence_id      BLOB PRIMARY KEY,
+    dataset_hash    BLOB NOT NULL,
+    contributor_key BLOB NOT NULL,
+    signed          BLOB NOT NULL,
+    revoked_at      INTEGER,
+    revocation      BLOB
+) STRICT;
+CREATE INDEX licences_by_dataset ON licences(dataset_hash);
+
+CREATE TABLE models (
+    model_id              TEXT PRIMARY KEY,
+    contributor_share_ppm INTEGER NOT NULL,
+    per_request_nsat      INTEGER NOT NULL,
+    per_input_token_nsat  INTEGER NOT NULL,
+    per_output_token_nsat INTEGER NOT NULL
+) STRICT;
+
+-- Accepted training runs; each made attribution version `attribution_version` of its model.
+CREATE TABLE training_runs (
+    run_id              TEXT PRIMARY KEY,
+    model_id            TEXT NOT NULL REFERENCES models(model_id),
+    attribution_version INTEGER NOT NULL,
+    signed              BLOB NOT NULL,
+    UNIQUE (model_id, attribution_version)
+) STRICT;
+
+-- One row per channel; the head is the latest state (signed when `head_signed` = 1).
+CREATE TABLE channels (
+    channel_id           BLOB PRIMARY KEY,
+    contributor_key      BLOB NOT NULL,
+    nonce                BLOB NOT NULL,
+    status               INTEGER NOT NULL,
+    seq                  INTEGER NOT NULL,
+    accrued_msat         INTEGER NOT NULL,
+    accrued_rem_nsat     INTEGER NOT NULL,
+    settled_msat         INTEGER NOT NULL,
+    last_settlement_hash BLOB NOT NULL,
+    head_signed          INTEGER NOT NULL,
+    opened_batch_seq     INTEGER NOT NULL
+) STRICT;
+CREATE UNIQUE INDEX channels_active_per_contributor ON channels(contributor_key) WHERE status = 0;
+
+-- Every signed state, kept as evidence of what the provider promised.
+CREATE TABLE channel_states (
+    channel_id BLOB NOT NULL,
+    seq        INTEGER NOT NULL,
+    state      BLOB NOT NULL,
+    PRIMARY KEY (channel_id, seq)
+) STRICT, WITHOUT ROWID;
+
+-- The metering log: one row per accepted request, keyed by an increasing sequence, so
+-- inserts append. The split is deterministic, so its inputs are what is stored; the
+-- per-channel effect of each batch is in `batch_accruals`. There is deliberately no index
+-- on request_id: idempotency is checked in memory against a map rebuilt from this log.
+CREATE TABLE meter_events (
+    seq                 INTEGER PRIMARY KEY,
+    request_id          TEXT NOT NULL,
+    content_hash        BLOB NOT NULL,
+    model_id            TEXT NOT NULL,
+    attribution_version INTEGER NOT NULL,
+    attribution         BLOB,
+    price_nsat          INTEGER NOT NULL,
+    pool_nsat           INTEGER NOT NULL,
+    batch_seq           INTEGER NOT NULL,
+    leaf_index          INTEGER NOT NULL,
+    created_at          INTEGER NOT NULL
+) STRICT;
+
+-- One row per committed batch: the provider-signed Merkle root over its receipts, and the
+-- leaves themselves so inclusion proofs need no recomputation.
+CREATE TABLE receipt_batches (
+    batch_seq     INTEGER PRIMARY KEY,
+    receipt_count INTEGER NOT NULL,
+    merkle_root   BLOB NOT NULL,
+    signed_root   BLOB NOT NULL,
+    leaves        BLOB NOT NULL,
+    created_at    INTEGER NOT NULL
+) STRICT;
+
+-- What each batch added to each channel (Σ over batches == channel accrued).
+CREATE TABLE batch_accruals (
+    batch_seq     INTEGER NOT NULL,
+    channel_id    BLOB NOT NULL,
+    amount_msat   INTEGER NOT NULL,
+    amount_rem_nsat INTEGER NOT NULL,
+    PRIMARY KEY (batch_seq, channel_id)
+) STRICT, WITHOUT ROWID;
+
+-- Bearer tokens, stored as SHA-256 of the secret.
+CREATE TABLE tokens (
+    token_hash      BLOB PRIMARY KEY,
+    token_id        TEXT NOT NULL UNIQUE,
+    role            TEXT NOT NULL,
+    contributor_key BLOB,
+    label           TEXT NOT NULL,
+    created_at      INTEGER NOT NULL,
+    expires_at      INTEGER,
+    revoked_at      INTEGER
+) STRICT;
+"#;

@@ -1,0 +1,573 @@
+//! The daemon over real gRPC on loopback with a real SQLite file: registration, metering,
+//! streaming with payee-side verification, conservation, idempotency, bad input, restart.
+
+mod common;
+
+use common::*;
+use futures::StreamExt;
+use std::time::Duration;
+use tonic::Code;
+use tribute_channels::channel::{ChannelParams, ChannelState, PayeeChannel};
+use tribute_channels::codec::Encode;
+use tribute_channels::merkle::InclusionProof;
+use tribute_channels::receipt::{verify_receipt, Receipt, ReceiptBatchRoot};
+use tribute_channels::{Network, Signed};
+use tribute_daemon::auth::Role;
+use tribute_proto::error_reason;
+use tribute_proto::v1 as pb;
+use tribute_proto::v1::ErrorReason;
+
+const MODEL: &str = "llm-a";
+const OWNERS: [(u64, u64); 3] = [(11, 1), (12, 2), (13, 3)];
+
+fn reason(s: &tonic::Status) -> Option<ErrorReason> {
+    error_reason(s)
+}
+
+/// What a subscriber saw, verified.
+struct Seen {
+    payee: Option<PayeeChannel>,
+    micropayments_nsat: u128,
+    payments: usize,
+}
+
+async fn subscribe(
+    d: &TestDaemon,
+    n: u64,
+) -> tokio::sync::mpsc::UnboundedReceiver<pb::ChannelEvent> {
+    let token = d.login(n).await;
+    let mut ch = d.channels(Some(&token)).await;
+    let mut stream = ch
+        .subscribe_channel(pb::SubscribeChannelRequest {
+            contributor_key: vec![],
+            states_only: false,
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(ev)) = stream.next().await {
+            if tx.send(ev).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+async fn channel_of(d: &TestDaemon, n: u64) -> pb::Channel {
+    let mut ch = d.channels(Some(&d.operator_token)).await;
+    ch.get_channel(pb::GetChannelRequest {
+        contributor_key: pubkey(n).to_bytes().to_vec(),
+        channel_id: vec![],
+    })
+    .await
+    .expect("channel")
+    .into_inner()
+}
+
+fn params_of(d: &TestDaemon, c: &pb::Channel, n: u64) -> ChannelParams {
+    ChannelParams {
+        network: Network::Regtest,
+        provider_key: d.running().provider_key,
+        contributor_key: pubkey(n),
+        nonce: c.nonce.as_slice().try_into().expect("nonce"),
+    }
+}
+
+/// Feeds events into a verifying payee until its accrued equals `target` (with a deadline).
+async fn follow(
+    d: &TestDaemon,
+    n: u64,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<pb::ChannelEvent>,
+    seen: &mut Seen,
+    target: u128,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(p) = &seen.payee {
+            if p.latest().map(|s| s.message.accrued_nsat.0) == Some(target) {
+                return;
+            }
+        }
+        let ev = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("contributor {n}: no state with accrued {target} in time"))
+            .expect("stream open");
+        match ev.event.expect("event") {
+            pb::channel_event::Event::State(s) => {
+                let signed = Signed::<ChannelState>::decode(&s.signed_state).expect("decodes");
+                let payee = match seen.payee.take() {
+                    Some(p) => p,
+                    None => PayeeChannel::new(&params_of(d, &channel_of(d, n).await, n)),
+                };
+                seen.payee =
+                    Some(payee.accept(signed).unwrap_or_else(|e| panic!("state refused: {e}")));
+            }
+            pb::channel_event::Event::Payment(p) => {
+                seen.micropayments_nsat += u128::from(p.share_nsat);
+                seen.payments += 1;
+            }
+            pb::channel_event::Event::Gap(g) => panic!("unexpected gap {g:?}"),
+            pb::channel_event::Event::Settlement(_) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn meter_subscribe_verify_and_conserve() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    setup_model(&d, MODEL, &OWNERS, 600_000).await;
+    let mut subs = Vec::new();
+    for (n, _) in OWNERS {
+        subs.push((
+            n,
+            subscribe(&d, n).await,
+            Seen { payee: None, micropayments_nsat: 0, payments: 0 },
+        ));
+    }
+
+    let mut total_pool = 0u128;
+    let mut meter = d.metering(Some(&d.provider_token)).await;
+    // Unary, varied usage, some with per-request attribution (retrieval citations).
+    for i in 0..200u64 {
+        let mut r = usage_request(&format!("u-{i}"), MODEL, i * 17 % 1000, i * 31 % 700);
+        if i % 5 == 0 {
+            r.attribution = vec![
+                pb::DatasetWeight { dataset_hash: dataset(11).0.to_vec(), weight: 1 + i },
+                pb::DatasetWeight { dataset_hash: dataset(13).0.to_vec(), weight: 7 },
+            ];
+        }
+        let resp = meter.meter(r).await.expect("meter").into_inner();
+        assert!(!resp.replayed);
+        total_pool += u128::from(resp.receipt.expect("receipt").pool_nsat);
+    }
+    // A stream of 2,000 requests.
+    let reqs: Vec<pb::MeterRequest> = (0..2000u64)
+        .map(|i| usage_request(&format!("s-{i}"), MODEL, i % 4096, (i * 7) % 2048))
+        .collect();
+    let mut out =
+        meter.meter_stream(futures::stream::iter(reqs)).await.expect("stream").into_inner();
+    let mut answered = 0;
+    while let Some(resp) = out.next().await {
+        let resp = resp.expect("answer");
+        assert_eq!(
+            resp.receipt.as_ref().expect("receipt").request_id,
+            format!("s-{answered}"),
+            "in order"
+        );
+        total_pool += u128::from(resp.receipt.expect("receipt").pool_nsat);
+        answered += 1;
+    }
+    assert_eq!(answered, 2000);
+
+    // Every contributor verifies every state and ends at its channel's accrued amount.
+    let mut signed_total = 0u128;
+    for (n, rx, seen) in &mut subs {
+        let c = channel_of(&d, *n).await;
+        let accrued: u128 = c.accrued_nsat.parse().expect("decimal");
+        follow(&d, *n, rx, seen, accrued).await;
+        assert_eq!(
+            seen.micropayments_nsat, accrued,
+            "micropayments sum to the signed accrued amount"
+        );
+        signed_total +=
+            seen.payee.as_ref().and_then(|p| p.latest()).expect("state").message.accrued_nsat.0;
+    }
+    // Conservation, from the responses, the database and the signed states.
+    assert_eq!(db_total_pools(&d.db_path()), total_pool);
+    assert_eq!(db_total_accrued(&d.db_path()), total_pool);
+    assert_eq!(signed_total, total_pool);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotency_same_different_concurrent_and_across_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut d = TestDaemon::start(dir.path()).await;
+    setup_model(&d, MODEL, &OWNERS, 500_000).await;
+    let mut meter = d.metering(Some(&d.provider_token)).await;
+
+    let first =
+        meter.meter(usage_request("req-1", MODEL, 100, 50)).await.expect("meter").into_inner();
+    let again =
+        meter.meter(usage_request("req-1", MODEL, 100, 50)).await.expect("replay").into_inner();
+    assert!(again.replayed);
+    assert_eq!(again.receipt, first.receipt, "identical receipt");
+    let pools_after_one = db_total_pools(&d.db_path());
+
+    let err =
+        meter.meter(usage_request("req-1", MODEL, 101, 50)).await.expect_err("different content");
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert_eq!(reason(&err), Some(ErrorReason::ExistsWithDifferentContent));
+    assert_eq!(db_total_pools(&d.db_path()), pools_after_one, "nothing accrued");
+
+    // The same new id sent 32 times at once accrues once, and every answer is the same receipt.
+    let calls =
+        (0..32).map(|_| {
+            let mut m = meter.clone();
+            async move {
+                m.meter(usage_request("req-2", MODEL, 7, 7)).await.expect("meter").into_inner()
+            }
+        });
+    let answers = futures::future::join_all(calls).await;
+    assert!(answers.iter().all(|a| a.receipt == answers[0].receipt));
+    assert_eq!(answers.iter().filter(|a| !a.replayed).count(), 1);
+    let conn = rusqlite::Connection::open(d.db_path()).expect("open");
+    let n: i64 =
+        conn.query_row("SELECT COUNT(*) FROM meter_events", [], |r| r.get(0)).expect("count");
+    assert_eq!(n, 2);
+    drop(conn);
+
+    // Across a restart.
+    d.stop().await;
+    let d = TestDaemon::start(dir.path()).await;
+    let mut meter = d.metering(Some(&d.provider_token)).await;
+    let after =
+        meter.meter(usage_request("req-1", MODEL, 100, 50)).await.expect("replay").into_inner();
+    assert!(after.replayed);
+    assert_eq!(after.receipt, first.receipt);
+    let err = meter.meter(usage_request("req-2", MODEL, 8, 7)).await.expect_err("different");
+    assert_eq!(reason(&err), Some(ErrorReason::ExistsWithDifferentContent));
+    assert_eq!(db_total_accrued(&d.db_path()), db_total_pools(&d.db_path()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_keeps_balances_states_and_receipts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut d = TestDaemon::start(dir.path()).await;
+    setup_model(&d, MODEL, &OWNERS, 500_000).await;
+    let mut meter = d.metering(Some(&d.provider_token)).await;
+    for i in 0..50 {
+        meter.meter(usage_request(&format!("a-{i}"), MODEL, i, i)).await.expect("meter");
+    }
+    let mut rx = subscribe(&d, 12).await;
+    let before = channel_of(&d, 12).await;
+    let mut seen = Seen { payee: None, micropayments_nsat: 0, payments: 0 };
+    follow(&d, 12, &mut rx, &mut seen, before.accrued_nsat.parse().expect("n")).await;
+    let seq_before = seen.payee.as_ref().and_then(|p| p.latest()).expect("state").message.seq;
+    d.stop().await;
+
+    let d = TestDaemon::start(dir.path()).await;
+    let after = channel_of(&d, 12).await;
+    assert_eq!(after.accrued_nsat, before.accrued_nsat);
+    assert_eq!(after.channel_id, before.channel_id);
+    let mut meter = d.metering(Some(&d.provider_token)).await;
+    for i in 50..60 {
+        meter.meter(usage_request(&format!("a-{i}"), MODEL, i, i)).await.expect("meter");
+    }
+    // The payee that verified states before the restart accepts the new ones: seq continues.
+    let mut rx = subscribe(&d, 12).await;
+    let now = channel_of(&d, 12).await;
+    follow(&d, 12, &mut rx, &mut seen, now.accrued_nsat.parse().expect("n")).await;
+    assert!(seen.payee.as_ref().and_then(|p| p.latest()).expect("state").message.seq > seq_before);
+    // Receipts from before the restart still verify.
+    check_receipt(&d, "a-3").await;
+}
+
+async fn check_receipt(d: &TestDaemon, id: &str) -> Receipt {
+    let mut r = d.receipts(Some(&d.accountant_token)).await;
+    let proof = r
+        .get_receipt(pb::GetReceiptRequest { request_id: id.into() })
+        .await
+        .expect("receipt")
+        .into_inner();
+    let receipt = Receipt::decode(&proof.receipt_bytes).expect("receipt bytes");
+    let inclusion = InclusionProof::decode(&proof.inclusion_proof).expect("proof bytes");
+    let root = Signed::<ReceiptBatchRoot>::decode(&proof.signed_batch_root).expect("root bytes");
+    assert_eq!(root.message.provider_key, d.running().provider_key);
+    verify_receipt(&receipt, &inclusion, &root).expect("receipt verifies against the signed root");
+    let shown = proof.receipt.expect("receipt");
+    let shares: u128 = shown.shares.iter().map(|s| u128::from(s.nsat)).sum();
+    assert_eq!(shares, u128::from(shown.pool_nsat));
+    receipt
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn receipts_verify_and_tampering_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    setup_model(&d, MODEL, &OWNERS, 500_000).await;
+    let mut meter = d.metering(Some(&d.provider_token)).await;
+    let reqs: Vec<_> =
+        (0..300u64).map(|i| usage_request(&format!("r-{i}"), MODEL, i, 2 * i)).collect();
+    let mut out =
+        meter.meter_stream(futures::stream::iter(reqs)).await.expect("stream").into_inner();
+    while out.next().await.is_some() {}
+    for id in ["r-0", "r-150", "r-299"] {
+        let receipt = check_receipt(&d, id).await;
+        let mut r = d.receipts(Some(&d.accountant_token)).await;
+        let proof = r
+            .get_receipt(pb::GetReceiptRequest { request_id: id.into() })
+            .await
+            .expect("receipt")
+            .into_inner();
+        let inclusion = InclusionProof::decode(&proof.inclusion_proof).expect("proof");
+        let root = Signed::<ReceiptBatchRoot>::decode(&proof.signed_batch_root).expect("root");
+        let mut altered = receipt.clone();
+        altered.shares[0].1 .0 += 1;
+        altered.pool_nsat.0 += 1;
+        assert!(verify_receipt(&altered, &inclusion, &root).is_err());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_is_refused_with_code_and_reason_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    setup_model(&d, MODEL, &OWNERS, 500_000).await;
+    // One revoked dataset and one licence signed late, for training-run cases.
+    let mut op = d.registry(Some(&d.operator_token)).await;
+    op.register_contributor(pb::RegisterContributorRequest {
+        signed_registration: signed_registration(14),
+    })
+    .await
+    .expect("contributor 14");
+    op.register_licence(pb::RegisterLicenceRequest { signed_licence: signed_licence(14, 14) })
+        .await
+        .expect("lic");
+    let rev = tribute_channels::licence::Revocation {
+        network: Network::Regtest,
+        dataset_hash: dataset(14),
+        contributor_key: pubkey(14),
+        licence_id: licence(14, 14).id(),
+        revoked_at: tribute_channels::Timestamp(1_650_000_000),
+    };
+    op.revoke_licence(pb::RevokeLicenceRequest {
+        signed_revocation: Signed::sign(rev, &keypair(14), &[3; 32]).expect("sign").encode(),
+    })
+    .await
+    .expect("revoke");
+    let mut late = licence(11, 15);
+    late.signed_at = tribute_channels::Timestamp(1_800_000_000);
+    op.register_licence(pb::RegisterLicenceRequest {
+        signed_licence: Signed::sign(late, &keypair(11), &[4; 32]).expect("sign").encode(),
+    })
+    .await
+    .expect("late licence registers");
+    let mut meter = d.metering(Some(&d.provider_token)).await;
+    meter.meter(usage_request("ok-1", MODEL, 1, 1)).await.expect("a good one first");
+
+    let contributor_token = d.token_for(Role::Contributor, Some(pubkey(11))).await;
+    let fingerprint = db_fingerprint(&d.db_path());
+    let mut prov = d.registry(Some(&d.provider_token)).await;
+    let mut cases: Vec<(&str, tonic::Status, Code, ErrorReason)> = Vec::new();
+    let mut check =
+        |name: &'static str, r: Result<(), tonic::Status>, code: Code, why: ErrorReason| {
+            let s = r.expect_err(name);
+            cases.push((name, s, code, why));
+        };
+    let meter_err = |r: Result<tonic::Response<pb::MeterResponse>, tonic::Status>| r.map(|_| ());
+
+    check(
+        "unknown model",
+        meter_err(meter.meter(usage_request("x1", "nope", 1, 1)).await),
+        Code::NotFound,
+        ErrorReason::UnknownModel,
+    );
+    let mut zero = usage_request("x2", MODEL, 0, 0);
+    zero.price = Some(pb::meter_request::Price::PriceNsat(0));
+    check(
+        "zero price",
+        meter_err(meter.meter(zero).await),
+        Code::InvalidArgument,
+        ErrorReason::PriceOutOfRange,
+    );
+    let mut huge = usage_request("x3", MODEL, 0, 0);
+    huge.price = Some(pb::meter_request::Price::PriceNsat(u64::MAX));
+    check(
+        "price above cap",
+        meter_err(meter.meter(huge).await),
+        Code::InvalidArgument,
+        ErrorReason::PriceOutOfRange,
+    );
+    check(
+        "overflowing usage",
+        meter_err(meter.meter(usage_request("x4", MODEL, u64::MAX, u64::MAX)).await),
+        Code::InvalidArgument,
+        ErrorReason::PriceOutOfRange,
+    );
+    let mut none = usage_request("x5", MODEL, 0, 0);
+    none.price = None;
+    check(
+        "missing price",
+        meter_err(meter.meter(none).await),
+        Code::InvalidArgument,
+        ErrorReason::MalformedField,
+    );
+    check(
+        "empty request id",
+        meter_err(meter.meter(usage_request("", MODEL, 1, 1)).await),
+        Code::InvalidArgument,
+        ErrorReason::InvalidRequestId,
+    );
+    check(
+        "oversized request id",
+        meter_err(meter.meter(usage_request(&"x".repeat(65), MODEL, 1, 1)).await),
+        Code::InvalidArgument,
+        ErrorReason::InvalidRequestId,
+    );
+    let mut unknown_ds = usage_request("x6", MODEL, 1, 1);
+    unknown_ds.attribution =
+        vec![pb::DatasetWeight { dataset_hash: dataset(99).0.to_vec(), weight: 1 }];
+    check(
+        "attribution over unknown dataset",
+        meter_err(meter.meter(unknown_ds).await),
+        Code::NotFound,
+        ErrorReason::UnknownDataset,
+    );
+    let mut revoked_ds = usage_request("x7", MODEL, 1, 1);
+    revoked_ds.attribution =
+        vec![pb::DatasetWeight { dataset_hash: dataset(14).0.to_vec(), weight: 1 }];
+    check(
+        "attribution over revoked dataset",
+        meter_err(meter.meter(revoked_ds).await),
+        Code::FailedPrecondition,
+        ErrorReason::UnlicensedDataset,
+    );
+    let mut big = usage_request("x8", MODEL, 1, 1);
+    big.attribution = (0..3000u64)
+        .map(|i| pb::DatasetWeight { dataset_hash: dataset(1000 + i).0.to_vec(), weight: 1 })
+        .collect();
+    check(
+        "oversized message",
+        meter_err(meter.meter(big).await),
+        Code::OutOfRange,
+        ErrorReason::MessageTooLarge,
+    );
+
+    let run = |id: &str, ds: u64, started: u64| pb::RegisterTrainingRunRequest {
+        run_id: id.into(),
+        model_id: MODEL.into(),
+        started_at: started,
+        finished_at: started + 10,
+        datasets: vec![pb::DatasetWeight { dataset_hash: dataset(ds).0.to_vec(), weight: 1 }],
+    };
+    check(
+        "run over unlicensed dataset",
+        prov.register_training_run(run("bad-1", 77, 1_700_000_000)).await.map(|_| ()),
+        Code::FailedPrecondition,
+        ErrorReason::UnlicensedDataset,
+    );
+    check(
+        "run over revoked dataset",
+        prov.register_training_run(run("bad-2", 14, 1_700_000_000)).await.map(|_| ()),
+        Code::FailedPrecondition,
+        ErrorReason::UnlicensedDataset,
+    );
+    check(
+        "licence signed after run start",
+        prov.register_training_run(run("bad-3", 15, 1_700_000_000)).await.map(|_| ()),
+        Code::FailedPrecondition,
+        ErrorReason::UnlicensedDataset,
+    );
+
+    // Bad signatures on every signed registration.
+    let flip = |mut b: Vec<u8>| {
+        let n = b.len();
+        b[n - 1] ^= 1;
+        b
+    };
+    check(
+        "bad registration signature",
+        op.register_contributor(pb::RegisterContributorRequest {
+            signed_registration: flip(signed_registration(20)),
+        })
+        .await
+        .map(|_| ()),
+        Code::InvalidArgument,
+        ErrorReason::BadSignature,
+    );
+    check(
+        "bad licence signature",
+        op.register_licence(pb::RegisterLicenceRequest {
+            signed_licence: flip(signed_licence(20, 20)),
+        })
+        .await
+        .map(|_| ()),
+        Code::InvalidArgument,
+        ErrorReason::BadSignature,
+    );
+    let rev2 = tribute_channels::licence::Revocation {
+        network: Network::Regtest,
+        dataset_hash: dataset(11),
+        contributor_key: pubkey(11),
+        licence_id: licence(11, 11).id(),
+        revoked_at: tribute_channels::Timestamp(1_900_000_000),
+    };
+    check(
+        "bad revocation signature",
+        op.revoke_licence(pb::RevokeLicenceRequest {
+            signed_revocation: flip(
+                Signed::sign(rev2, &keypair(11), &[5; 32]).expect("sign").encode(),
+            ),
+        })
+        .await
+        .map(|_| ()),
+        Code::InvalidArgument,
+        ErrorReason::BadSignature,
+    );
+
+    // Auth.
+    let mut anon = d.metering(None).await;
+    check(
+        "missing token",
+        meter_err(anon.meter(usage_request("x9", MODEL, 1, 1)).await),
+        Code::Unauthenticated,
+        ErrorReason::Unauthenticated,
+    );
+    let mut bogus = d.metering(Some("trb_nope_0000")).await;
+    check(
+        "unknown token",
+        meter_err(bogus.meter(usage_request("x10", MODEL, 1, 1)).await),
+        Code::Unauthenticated,
+        ErrorReason::Unauthenticated,
+    );
+    let mut as_acct = d.metering(Some(&d.accountant_token)).await;
+    check(
+        "wrong role",
+        meter_err(as_acct.meter(usage_request("x11", MODEL, 1, 1)).await),
+        Code::PermissionDenied,
+        ErrorReason::WrongRole,
+    );
+    let mut as_contrib = d.channels(Some(&contributor_token)).await;
+    let other = pubkey(12).to_bytes().to_vec();
+    check(
+        "another contributor's channel",
+        as_contrib
+            .subscribe_channel(pb::SubscribeChannelRequest {
+                contributor_key: other.clone(),
+                states_only: true,
+            })
+            .await
+            .map(|_| ()),
+        Code::PermissionDenied,
+        ErrorReason::NotYourChannel,
+    );
+    check(
+        "another contributor's channel (get)",
+        as_contrib
+            .get_channel(pb::GetChannelRequest { contributor_key: other, channel_id: vec![] })
+            .await
+            .map(|_| ()),
+        Code::PermissionDenied,
+        ErrorReason::NotYourChannel,
+    );
+    let mut contrib_reg = d.registry(Some(&contributor_token)).await;
+    check(
+        "contributor registering for another key",
+        contrib_reg
+            .register_licence(pb::RegisterLicenceRequest { signed_licence: signed_licence(12, 40) })
+            .await
+            .map(|_| ()),
+        Code::PermissionDenied,
+        ErrorReason::NotYourChannel,
+    );
+
+    for (name, status, code, why) in &cases {
+        assert_eq!(status.code(), *code, "{name}: {status:?}");
+        assert_eq!(reason(status), Some(*why), "{name}: {status:?}");
+    }
+    assert!(db_fingerprint(&d.db_path()) == fingerprint, "rejected calls changed the database");
+}
