@@ -13,6 +13,7 @@ pub mod hub;
 pub mod keys;
 pub mod ledger;
 pub mod meter;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod store;

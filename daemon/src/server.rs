@@ -13,6 +13,7 @@ use crate::grpc::{ChannelsService, MeteringService, ReceiptsService, RegistrySer
 use crate::hub::Hub;
 use crate::keys;
 use crate::ledger::{Ledger, LedgerConfig};
+use crate::metrics::{self, Metrics};
 use crate::registry::Registry;
 use crate::store::{self, StoreError};
 use std::net::SocketAddr;
@@ -72,8 +73,12 @@ pub fn database_path(data_dir: &Path) -> PathBuf {
 pub struct RunningDaemon {
     /// The address the gRPC server listens on (the real port when 0 was asked).
     pub grpc_addr: SocketAddr,
+    /// The address `/metrics` is served on, if enabled.
+    pub metrics_addr: Option<SocketAddr>,
     /// The provider's state-signing key.
     pub provider_key: PublicKey,
+    /// The daemon's metrics.
+    pub metrics: Arc<Metrics>,
     /// The token store (for tests and the admin surface).
     pub tokens: Arc<TokenStore>,
     shutdown: oneshot::Sender<()>,
@@ -137,11 +142,6 @@ pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
     config.validate().map_err(|e| DaemonError::Config(e.to_string()))?;
     check_listen_policy(&config.listen, config.tls.is_some(), config.auth.required)
         .map_err(DaemonError::Config)?;
-    if config.tls.is_some() {
-        return Err(DaemonError::Config(
-            "TLS listeners are not built yet: listen on loopback".into(),
-        ));
-    }
     prepare_data_dir(&config.data_dir)?;
     let provider = keys::load_or_create_keypair(&config.data_dir.join(files::PROVIDER_KEY))?;
     keys::load_or_create_secret(&config.data_dir.join(files::SETTLEMENT_SECRET))?;
@@ -188,8 +188,16 @@ pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
         .build_v1()
         .map_err(|e| DaemonError::Config(format!("reflection: {e}")))?;
     let i = auth.interceptor();
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(tls) = &config.tls {
+        let cert = std::fs::read(&tls.cert_path)?;
+        let key = std::fs::read(&tls.key_path)?;
+        let identity = tonic::transport::Identity::from_pem(cert, key);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| DaemonError::Config(format!("tls: {e}")))?;
+    }
+    let router = builder
         .add_service(health)
         .add_service(reflection)
         .add_service(AuthServer::new(AuthService::new(auth.clone())).max_decoding_message_size(max))
@@ -229,7 +237,20 @@ pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
         ));
     drop(handle);
 
+    let metrics = Metrics::new();
     let (shutdown, stop) = oneshot::channel::<()>();
+    let (stop_all, _) = tokio::sync::broadcast::channel::<()>(1);
+    let metrics_addr = match config.metrics_listen {
+        Some(addr) => {
+            let mut stopped = stop_all.subscribe();
+            let (bound, _task) = metrics::serve(addr, metrics.clone(), reader.clone(), async move {
+                let _ = stopped.recv().await;
+            })
+            .await?;
+            Some(bound)
+        }
+        None => None,
+    };
     let reload_tokens = tokens.clone();
     let reloader = tokio::spawn(async move {
         let mut tick = tokio::time::interval(TOKEN_RELOAD_INTERVAL);
@@ -246,6 +267,7 @@ pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
         let served = router
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 let _ = stop.await;
+                let _ = stop_all.send(());
                 // Channel streams never end by themselves: end them so the server can drain.
                 hub.close();
             })
@@ -256,5 +278,5 @@ pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
         tracing::info!("tributed stopped");
         served.map_err(DaemonError::from)
     });
-    Ok(RunningDaemon { grpc_addr, provider_key, tokens, shutdown, task })
+    Ok(RunningDaemon { grpc_addr, metrics_addr, provider_key, metrics, tokens, shutdown, task })
 }
