@@ -5,10 +5,10 @@
 //! Every wait is bounded by [`WAIT`] and fails with a message saying what did not happen.
 //! Set `TRIBUTE_KEEP_TEST_DIRS=1` to keep the nodes' data dirs (and their logs).
 
-use std::future::Future;
-use std::net::{Ipv4Addr, TcpListener};
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+mod common_ln;
+
+use common_ln::*;
+use std::time::Instant;
 
 use base64::prelude::{Engine as _, BASE64_STANDARD};
 use ldk_node::bitcoin::consensus::encode::serialize_hex;
@@ -29,11 +29,6 @@ use lightning_block_sync::poll::Validate;
 use lightning_block_sync::rpc::{RpcClient, RpcError};
 use lightning_block_sync::{BlockData, BlockSource};
 use tribute_daemon::devchain::DevChain;
-
-/// Bound on every wait for something asynchronous to happen.
-const WAIT: Duration = Duration::from_secs(60);
-/// How often polled conditions are re-checked.
-const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 const FUNDING_SATS: u64 = 1_000_000;
 const CHANNEL_SATS: u64 = 500_000;
@@ -128,34 +123,6 @@ async fn lightning_block_sync_accepts_the_dev_chain() {
     chain.shutdown().await;
 }
 
-/// A node's data dir; kept after the test when `TRIBUTE_KEEP_TEST_DIRS` is set.
-struct TestDir {
-    /// Deletes the dir on drop; `None` when kept.
-    _guard: Option<tempfile::TempDir>,
-    path: PathBuf,
-}
-
-impl TestDir {
-    fn new(prefix: &str) -> TestDir {
-        let dir = tempfile::Builder::new().prefix(prefix).tempdir().expect("temp dir");
-        if std::env::var_os("TRIBUTE_KEEP_TEST_DIRS").is_some() {
-            let path = dir.keep();
-            eprintln!("keeping {}", path.display());
-            TestDir { _guard: None, path }
-        } else {
-            let path = dir.path().to_path_buf();
-            TestDir { _guard: Some(dir), path }
-        }
-    }
-}
-
-/// A free loopback port for a node to listen on (there is a small window in which another
-/// process could take it; on a test machine that is acceptable).
-fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind port 0");
-    listener.local_addr().expect("local addr").port()
-}
-
 fn start_node(chain: &DevChain, dir: &TestDir, port: u16, trusted: Vec<PublicKey>) -> Node {
     let mut config = Config {
         network: Network::Regtest,
@@ -205,26 +172,6 @@ async fn wait_event<T>(node: &Node, what: &str, mut pick: impl FnMut(&Event) -> 
             }
         }
     }
-}
-
-/// Polls `check` until it returns `Some`, for at most [`WAIT`].
-async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out after {WAIT:?} waiting for {what}");
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
-}
-
-async fn wait_in_mempool(chain: &DevChain, txid: Txid, what: &str) {
-    wait_until(what, || async { chain.mempool_txids().contains(&txid).then_some(()) }).await;
 }
 
 /// Syncs `node`'s wallets until its spendable on-chain balance reaches `min_sats`.

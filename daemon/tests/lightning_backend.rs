@@ -8,14 +8,14 @@
 //! wait is bounded by [`WAIT`] and fails with a message saying what did not happen. Set
 //! `TRIBUTE_KEEP_TEST_DIRS=1` to keep the nodes' data dirs (and their logs).
 
-use std::future::Future;
-use std::net::{Ipv4Addr, TcpListener};
-use std::path::PathBuf;
+mod common_ln;
+
+use common_ln::*;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use ldk_node::bitcoin::{Amount, Network, Txid};
+use ldk_node::bitcoin::{Amount, Network};
 use tribute_daemon::devchain::DevChain;
 use tribute_daemon::lightning::conformance::{self, ConformanceTarget};
 use tribute_daemon::lightning::{
@@ -23,11 +23,6 @@ use tribute_daemon::lightning::{
     LdkBackendConfig, LightningBackend, LightningError, LightningEvent, LightningEventHandler,
     OfferRequest, OpenChannelRequest, PaymentId, PaymentStatus, SEED_FILE_NAME,
 };
-
-/// Bound on every wait for something asynchronous to happen.
-const WAIT: Duration = Duration::from_secs(60);
-/// How often polled conditions are re-checked.
-const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 const FUNDING_SATS: u64 = 1_000_000;
 const CHANNEL_SATS: u64 = 500_000;
@@ -37,50 +32,6 @@ const MAX_FEE_MSAT: u64 = 1_000;
 
 /// One set of nodes at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A node's data dir; kept after the test when `TRIBUTE_KEEP_TEST_DIRS` is set.
-struct TestDir {
-    /// Deletes the dir on drop; `None` when kept.
-    _guard: Option<tempfile::TempDir>,
-    path: PathBuf,
-}
-
-impl TestDir {
-    fn new(prefix: &str) -> TestDir {
-        let dir = tempfile::Builder::new().prefix(prefix).tempdir().expect("temp dir");
-        if std::env::var_os("TRIBUTE_KEEP_TEST_DIRS").is_some() {
-            let path = dir.keep();
-            eprintln!("keeping {}", path.display());
-            TestDir { _guard: None, path }
-        } else {
-            let path = dir.path().to_path_buf();
-            TestDir { _guard: Some(dir), path }
-        }
-    }
-}
-
-/// A free loopback port for a node to listen on (there is a small window in which another
-/// process could take it; on a test machine that is acceptable).
-fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind port 0");
-    listener.local_addr().expect("local addr").port()
-}
-
-/// Polls `check` until it returns `Some`, for at most [`WAIT`].
-async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out after {WAIT:?} waiting for {what}");
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
-}
 
 /// Waits for the next event of `backend` that `pick` accepts; the events before it are
 /// printed (so a failure shows what happened instead) and dropped.
@@ -112,10 +63,6 @@ async fn wait_spendable(backend: &LdkBackend, min_sat: u64, what: &str) -> u64 {
         (balance.spendable_sat >= min_sat).then_some(balance.spendable_sat)
     })
     .await
-}
-
-async fn wait_in_mempool(chain: &DevChain, txid: Txid, what: &str) {
-    wait_until(what, || async { chain.mempool_txids().contains(&txid).then_some(()) }).await;
 }
 
 /// Waits until `backend`'s only channel has `usable == want`.
