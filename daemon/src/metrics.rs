@@ -71,13 +71,29 @@ impl Metrics {
             channels: Gauge::default(),
         };
         r.register("meter_requests", "Metering calls by outcome", m.meter_requests.clone());
-        r.register("meter_latency_seconds", "Meter call latency until durable", m.meter_latency.clone());
+        r.register(
+            "meter_latency_seconds",
+            "Meter call latency until durable",
+            m.meter_latency.clone(),
+        );
         r.register("meter_batch_size", "Requests per committed batch", m.batch_size.clone());
-        r.register("meter_queue_depth", "Requests waiting for the ledger writer", m.queue_depth.clone());
+        r.register(
+            "meter_queue_depth",
+            "Requests waiting for the ledger writer",
+            m.queue_depth.clone(),
+        );
         r.register("meter_pool_nsat", "Contributor pools metered, nsat", m.pool_nsat.clone());
         r.register("signed_states", "Channel states signed and published", m.signed_states.clone());
-        r.register("channel_accrued_msat", "Accrued per channel, whole msat", m.channel_accrued_msat.clone());
-        r.register("channel_outstanding_msat", "Accrued but unsettled per channel, whole msat", m.channel_outstanding_msat.clone());
+        r.register(
+            "channel_accrued_msat",
+            "Accrued per channel, whole msat",
+            m.channel_accrued_msat.clone(),
+        );
+        r.register(
+            "channel_outstanding_msat",
+            "Accrued but unsettled per channel, whole msat",
+            m.channel_outstanding_msat.clone(),
+        );
         r.register("channels", "Channels", m.channels.clone());
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = r;
         Arc::new(m)
@@ -94,7 +110,9 @@ impl Metrics {
             "SELECT contributor_key, accrued_msat, settled_msat FROM channels WHERE status != 2",
         )?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))?
+            .query_map([], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            })?
             .collect::<Result<Vec<_>, _>>()?;
         self.channel_accrued_msat.clear();
         self.channel_outstanding_msat.clear();
@@ -102,7 +120,9 @@ impl Metrics {
         for (key, accrued, settled) in rows {
             let label = ChannelLabel { contributor: hex::encode(key) };
             self.channel_accrued_msat.get_or_create(&label).set(accrued);
-            self.channel_outstanding_msat.get_or_create(&label).set(accrued.saturating_sub(settled));
+            self.channel_outstanding_msat
+                .get_or_create(&label)
+                .set(accrued.saturating_sub(settled));
         }
         Ok(())
     }
@@ -132,12 +152,17 @@ pub async fn serve(
             let (metrics, reader) = (metrics.clone(), reader.clone());
             async move {
                 let m = metrics.clone();
-                let refreshed = tokio::task::spawn_blocking(move || m.refresh_balances(&store::lock(&reader))).await;
+                let refreshed =
+                    tokio::task::spawn_blocking(move || m.refresh_balances(&store::lock(&reader)))
+                        .await;
                 if let Ok(Err(e)) = refreshed {
                     tracing::warn!("metrics: balances not refreshed: {e}");
                 }
                 (
-                    [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
                     metrics.encode(),
                 )
             }

@@ -372,8 +372,7 @@ impl Registry {
                 .optional()
                 .map_err(StoreError::from)?;
             if let (true, Some(bytes)) = (same, stored) {
-                let prev =
-                    Signed::<TrainingRun>::decode(&bytes).map_err(ApiError::storage)?;
+                let prev = Signed::<TrainingRun>::decode(&bytes).map_err(ApiError::storage)?;
                 if prev.message == run {
                     return Ok((prev, *version));
                 }
@@ -422,8 +421,7 @@ impl Registry {
             ApiError::new(Code::InvalidArgument, ErrorReason::BadAttribution, e.to_string())
         })?);
         let version = vector.version;
-        let signed =
-            Signed::sign(run, &self.provider, &fresh_aux()).map_err(ApiError::storage)?;
+        let signed = Signed::sign(run, &self.provider, &fresh_aux()).map_err(ApiError::storage)?;
         conn.execute(
             "INSERT INTO training_runs (run_id, model_id, attribution_version, signed) VALUES (?1, ?2, ?3, ?4)",
             params![signed.message.run_id.as_str(), signed.message.model_id.as_str(), store::u64_to_column(version, "version")?, signed.encode()],

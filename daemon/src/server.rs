@@ -243,10 +243,11 @@ pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
     let metrics_addr = match config.metrics_listen {
         Some(addr) => {
             let mut stopped = stop_all.subscribe();
-            let (bound, _task) = metrics::serve(addr, metrics.clone(), reader.clone(), async move {
-                let _ = stopped.recv().await;
-            })
-            .await?;
+            let (bound, _task) =
+                metrics::serve(addr, metrics.clone(), reader.clone(), async move {
+                    let _ = stopped.recv().await;
+                })
+                .await?;
             Some(bound)
         }
         None => None,

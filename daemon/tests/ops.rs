@@ -13,7 +13,10 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.expect("write");
     let mut body = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut body)).await.expect("in time").expect("read");
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut body))
+        .await
+        .expect("in time")
+        .expect("read");
     body
 }
 
@@ -74,7 +77,9 @@ async fn tls_listener_serves_and_plain_public_listener_is_refused() {
     let mut config = test_config(&dir.path().join("data"));
     config.tls = Some(TlsConfig { cert_path, key_path });
     let d = TestDaemon::start_with(config).await;
-    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(cert_pem)).domain_name("localhost");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(cert_pem))
+        .domain_name("localhost");
     let channel = Channel::from_shared(format!("https://{}", d.running().grpc_addr))
         .expect("url")
         .tls_config(tls)
@@ -83,10 +88,14 @@ async fn tls_listener_serves_and_plain_public_listener_is_refused() {
         .await
         .expect("TLS connect");
     let mut auth = AuthClient::with_interceptor(channel, Bearer(Some(d.operator_token.clone())));
-    let me = auth.who_am_i(tribute_proto::v1::WhoAmIRequest {}).await.expect("who am i").into_inner();
+    let me =
+        auth.who_am_i(tribute_proto::v1::WhoAmIRequest {}).await.expect("who am i").into_inner();
     assert_eq!(me.role, "operator");
     // Plain text to the TLS port fails.
-    let plain = Channel::from_shared(format!("http://{}", d.running().grpc_addr)).expect("url").connect().await;
+    let plain = Channel::from_shared(format!("http://{}", d.running().grpc_addr))
+        .expect("url")
+        .connect()
+        .await;
     if let Ok(plain) = plain {
         let mut auth = AuthClient::with_interceptor(plain, Bearer(Some(d.operator_token.clone())));
         assert!(auth.who_am_i(tribute_proto::v1::WhoAmIRequest {}).await.is_err());
