@@ -13,9 +13,15 @@ use crate::ids::{ModelId, RequestId};
 use crate::keys::{Network, PublicKey};
 use crate::merkle::{InclusionProof, MerkleError, MerkleTree, MAX_LEAVES};
 use crate::sign::{tagged_hash, Message, Signed};
+use bitcoin::hashes::{sha256, Hash, HashEngine};
 
 /// The tag of a receipt's leaf hash. Receipts are not signed one by one, only committed to.
 pub const RECEIPT_LEAF_TAG: &str = "tribute/receipt/v1";
+
+/// `sha256(tag) || sha256(tag)` of [`RECEIPT_LEAF_TAG`] as a SHA-256 midstate (one block),
+/// computed at compile time: the leaf hash starts from it instead of hashing the tag twice.
+const RECEIPT_LEAF_MIDSTATE: sha256::Midstate =
+    sha256::Midstate::hash_tag(RECEIPT_LEAF_TAG.as_bytes());
 
 /// Most shares one receipt may list: the split's bound, so every split fits in a receipt.
 const MAX_RECEIPT_SHARES: usize = crate::split::MAX_SPLIT_PARTIES;
@@ -176,6 +182,59 @@ impl Encode for Receipt {
         }
         Ok(Receipt { request_id, model_id, attribution_version, pool_nsat, shares })
     }
+}
+
+/// The Merkle leaf of the receipt with these fields, byte-identical to building the
+/// [`Receipt`] and calling [`Receipt::leaf_hash`], but streamed: the canonical encoding goes
+/// straight into the hash engine, with no receipt, share vector or byte buffer allocated.
+/// This is the metering hot path (one leaf per request, every share of the split in it).
+///
+/// `shares` must be what [`Receipt::new`] accepts: sorted by key strictly ascending and
+/// adding up to `pool_nsat` (a split's output is). As with [`Receipt::leaf_hash`], only
+/// debug builds check that; a malformed receipt has no canonical form.
+pub fn leaf_hash_of<'a, I>(
+    request_id: &RequestId,
+    model_id: &ModelId,
+    attribution_version: u64,
+    pool_nsat: Nsat,
+    shares: I,
+) -> [u8; 32]
+where
+    I: IntoIterator<Item = (&'a PublicKey, Nsat)>,
+    I::IntoIter: ExactSizeIterator,
+{
+    let shares = shares.into_iter();
+    let count = shares.len();
+    let mut engine = sha256::HashEngine::from_midstate(RECEIPT_LEAF_MIDSTATE, 64);
+    // The fixed fields, exactly as `Receipt::encode_fields` writes them.
+    let mut head = Writer::with_capacity(2 + 2 * crate::ids::MAX_ID_LEN + 8 + 16 + 4);
+    head.u8(RECEIPT_VERSION);
+    request_id.encode_into(&mut head);
+    model_id.encode_into(&mut head);
+    head.u64(attribution_version);
+    head.u128(pool_nsat.0);
+    head.u32(u32::try_from(count).unwrap_or(u32::MAX));
+    engine.input(&head.finish());
+    #[cfg(debug_assertions)]
+    let (mut previous, mut sum): (Option<&PublicKey>, Nsat) = (None, Nsat::ZERO);
+    let mut written = 0usize;
+    let mut share_bytes = [0u8; 48];
+    for (key, share) in shares {
+        #[cfg(debug_assertions)]
+        {
+            debug_assert!(previous.is_none_or(|p| p < key), "shares out of key order");
+            previous = Some(key);
+            sum = sum.checked_add(share).unwrap_or(Nsat(u128::MAX));
+        }
+        share_bytes[..32].copy_from_slice(&key.to_bytes());
+        share_bytes[32..].copy_from_slice(&share.0.to_be_bytes());
+        engine.input(&share_bytes);
+        written += 1;
+    }
+    debug_assert_eq!(written, count, "share iterator lied about its length");
+    #[cfg(debug_assertions)]
+    debug_assert_eq!(sum, pool_nsat, "shares do not add up to the pool");
+    sha256::Hash::from_engine(engine).to_byte_array()
 }
 
 /// The provider's signed commitment to one batch of receipts.
@@ -392,6 +451,38 @@ mod tests {
     }
 
     #[test]
+    fn streamed_leaf_hash_is_byte_identical() {
+        // A split's output over 100 keys, as the daemon meters it, and the edge cases.
+        let weights: Vec<(PublicKey, u64)> =
+            (0..100).map(|i| (key(i), 1 + (i * 7919) % 997)).collect();
+        let pool = Nsat(1_234_567_891);
+        let shares = crate::split::split(pool, &weights).unwrap();
+        let cases = [
+            Receipt::new(
+                RequestId::new("req-0").unwrap(),
+                ModelId::new("bench-model").unwrap(),
+                3,
+                pool,
+                shares,
+            )
+            .unwrap(),
+            receipt("x", &[]),
+            receipt(&"i".repeat(64), &[(1, u128::MAX / 2), (2, u128::MAX / 2)]),
+        ];
+        for r in &cases {
+            let streamed = leaf_hash_of(
+                &r.request_id,
+                &r.model_id,
+                r.attribution_version,
+                r.pool_nsat,
+                r.shares.iter().map(|(k, s)| (k, *s)),
+            );
+            assert_eq!(streamed, r.leaf_hash());
+            assert_eq!(streamed, tagged_hash(RECEIPT_LEAF_TAG, &r.encode()));
+        }
+    }
+
+    #[test]
     fn receipt_count_bound() {
         let r = receipt("r", &[]);
         let mut bytes = r.encode();
@@ -573,6 +664,18 @@ mod tests {
             let mut long = bytes.clone();
             long.push(0);
             prop_assert_eq!(Receipt::decode(&long), Err(DecodeError::TrailingBytes(1)));
+        }
+
+        #[test]
+        fn streamed_leaf_hash_matches(r in receipt_strategy()) {
+            let streamed = leaf_hash_of(
+                &r.request_id,
+                &r.model_id,
+                r.attribution_version,
+                r.pool_nsat,
+                r.shares.iter().map(|(k, s)| (k, *s)),
+            );
+            prop_assert_eq!(streamed, r.leaf_hash());
         }
 
         #[test]

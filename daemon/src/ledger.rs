@@ -12,9 +12,16 @@
 //! the same transaction as the accruals it guards.
 //!
 //! Channel states: accruals move each channel's head; every `sign_interval` the dirty heads
-//! are signed, persisted, and only then published to subscribers. A signature is never
-//! released before it is durable, so a crash cannot lead to two different states with one
-//! `seq`.
+//! are handed to a signer thread (so signing never stalls a commit), and the signed states
+//! come back to the writer, which writes them in its next transaction (a batch's, or one of
+//! their own when nothing is queued) and publishes them to subscribers only after that
+//! commit. Invariants:
+//! - A signature is never released before it is durable.
+//! - One `seq`, one content: when a head is handed to the signer it counts as signed, so
+//!   the next accrual moves the channel to `seq + 1` and the `seq` being signed can never
+//!   be signed with other content. If the process dies before the signature is durable,
+//!   nothing was released and the stored head (unsigned, same content) is signed again.
+//! - A channel row is marked signed only if its stored head is exactly the signed state.
 
 use crate::error::ApiError;
 use crate::hub::{Hub, HubEvent};
@@ -297,11 +304,67 @@ impl LedgerHandle {
 struct ChannelEntry {
     nonce: [u8; 32],
     payer: PayerChannel,
+    /// The channel's `rowid` in `channels`, so a batch updates the row without an index
+    /// lookup.
+    rowid: i64,
+    /// When its head was last handed to the signer (`None`: not since start-up).
+    signed_at: Option<Instant>,
 }
 
 impl ChannelEntry {
     fn id(&self) -> ChannelId {
         self.payer.head().channel_id
+    }
+}
+
+/// Signing rounds per `sign_interval`; each signs at most this fraction of the dirty heads
+/// (but never fewer than [`SIGN_ROUND_MIN`], so a few channels are signed in one round).
+const SIGN_SLICES: usize = 8;
+/// Heads one signing round may always take (≈ 0.4 ms of signing).
+const SIGN_ROUND_MIN: usize = 16;
+/// Rounds this small are signed on the writer itself (≈ 25 µs per head).
+const SIGN_INLINE_MAX: usize = 4;
+
+/// Channel heads handed to the signer, and the signed states it returns.
+type Heads = Vec<(PublicKey, ChannelState)>;
+type SignedHeads = Vec<(PublicKey, Signed<ChannelState>)>;
+
+/// Signs heads (on the signer thread, or on the writer for a flush): each head's
+/// invariants are checked again right before it is signed.
+fn sign_heads(provider: &Keypair, heads: Heads) -> SignedHeads {
+    let mut out = Vec::with_capacity(heads.len());
+    for (key, head) in heads {
+        match PayerChannel::restore(head, false).and_then(|p| p.sign(provider, &fresh_aux())) {
+            Ok((_, state)) => out.push((key, state)),
+            Err(e) => tracing::error!(contributor = %key, "cannot sign channel head: {e}"),
+        }
+    }
+    out
+}
+
+/// The signer thread: signs one set of heads at a time, off the writer, so a signing round
+/// (≈ 25 µs per touched channel) never delays a commit.
+struct Signer {
+    tx: std::sync::mpsc::SyncSender<Heads>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Signer {
+    fn start(provider: Keypair) -> Result<(Signer, mpsc::Receiver<SignedHeads>), StoreError> {
+        // One round in flight at a time: both directions hold at most one message.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Heads>(1);
+        let (done_tx, done_rx) = mpsc::channel::<SignedHeads>(1);
+        let thread = std::thread::Builder::new()
+            .name("tribute-signer".into())
+            .spawn(move || {
+                while let Ok(heads) = rx.recv() {
+                    if done_tx.blocking_send(sign_heads(&provider, heads)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Corrupt(format!("cannot start signer thread: {e}")))?;
+        Ok((Signer { tx, thread }, done_rx))
     }
 }
 
@@ -311,16 +374,24 @@ struct Writer {
     provider: Keypair,
     provider_key: PublicKey,
     channels: HashMap<PublicKey, ChannelEntry>,
+    /// Channels whose head changed since it was last handed to the signer.
     dirty: HashSet<PublicKey>,
     ids: SharedIds,
     next_event_seq: u64,
     next_batch_seq: u64,
     hub: Arc<Hub>,
     registry: Arc<Registry>,
+    /// `None` once the signer thread is gone (then the writer signs itself).
+    signer: Option<Signer>,
+    signed_rx: mpsc::Receiver<SignedHeads>,
+    /// Heads with the signer now (empty: no round in flight).
+    in_flight: Heads,
+    /// Signed states not yet durable: written by the next transaction, published after it.
+    signed_pending: SignedHeads,
 }
 
 impl Ledger {
-    /// Loads the ledger state from `conn` and starts the writer thread.
+    /// Loads the ledger state from `conn` and starts the writer and signer threads.
     pub fn start(
         conn: Connection,
         network: Network,
@@ -330,6 +401,7 @@ impl Ledger {
         config: LedgerConfig,
     ) -> Result<Ledger, StoreError> {
         let ids = Arc::new(Mutex::new(IdIndex::new()));
+        let (signer, signed_rx) = Signer::start(provider)?;
         let mut writer = Writer {
             conn,
             network,
@@ -342,6 +414,10 @@ impl Ledger {
             next_batch_seq: 1,
             hub,
             registry,
+            signer: Some(signer),
+            signed_rx,
+            in_flight: Vec::new(),
+            signed_pending: Vec::new(),
         };
         writer.load()?;
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
@@ -365,6 +441,16 @@ impl Ledger {
     }
 }
 
+/// What the writer does with one request of a batch.
+enum Fate {
+    /// New: gets the batch's next leaf.
+    Fresh,
+    /// The same id as fresh leaf `.0` earlier in this batch, with the same content.
+    Follows(usize),
+    /// Answered without writing (a replay, a conflict, a storage error).
+    Answered(Result<MeterOutcome, ApiError>),
+}
+
 impl Writer {
     fn load(&mut self) -> Result<(), StoreError> {
         let max_event: Option<i64> =
@@ -386,17 +472,27 @@ impl Writer {
                 );
             }
         }
-        let rows: Vec<ChannelRow> = {
+        let rows: Vec<(ChannelRow, i64)> = {
             let mut stmt = self.conn.prepare(
                 "SELECT contributor_key, nonce, status, seq, accrued_msat, accrued_rem_nsat, settled_msat,
-                        last_settlement_hash, head_signed FROM channels WHERE status = 0",
+                        last_settlement_hash, head_signed, rowid FROM channels WHERE status = 0",
             )?;
-            let rows = stmt.query_map([], ChannelRow::from_row)?.collect::<Result<Vec<_>, _>>()?;
+            let rows = stmt
+                .query_map([], |r| Ok((ChannelRow::from_row(r)?, r.get::<_, i64>(9)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
             rows
         };
-        for row in rows {
-            let (key, entry, signed) = row.restore(self.network, self.provider_key)?;
+        for (row, rowid) in rows {
+            let (key, mut entry, mut signed) =
+                row.restore(self.network, self.provider_key, rowid)?;
             if let Some(state) = latest_signed_state(&self.conn, &entry.id())? {
+                // The head may have been signed without its row saying so: then it must not
+                // be signed again under the same `seq`.
+                if !signed && state.message == *entry.payer.head() {
+                    entry.payer = PayerChannel::restore(state.message, true)
+                        .map_err(|e| StoreError::Corrupt(format!("channel {key}: {e}")))?;
+                    signed = true;
+                }
                 self.hub.publish_state(&key, state);
             }
             if !signed {
@@ -417,9 +513,11 @@ impl Writer {
         };
         rt.block_on(async move {
             let mut buf = Vec::with_capacity(config.max_batch);
-            let mut next_sign = Instant::now() + config.sign_interval;
+            let tick = (config.sign_interval / SIGN_SLICES as u32).max(Duration::from_millis(1));
+            let mut next_tick = Instant::now() + tick;
             loop {
-                let sleep = tokio::time::sleep_until(next_sign.into());
+                let sleep = tokio::time::sleep_until(next_tick.into());
+                let signing = !self.in_flight.is_empty();
                 tokio::select! {
                     n = rx.recv_many(&mut buf, config.max_batch) => {
                         if n == 0 {
@@ -437,54 +535,168 @@ impl Writer {
                             self.process(jobs);
                         }
                         if !flushes.is_empty() {
-                            self.sign_dirty();
-                            next_sign = Instant::now() + config.sign_interval;
+                            self.sign_all_now().await;
                             for f in flushes {
                                 let _ = f.send(());
                             }
                         }
                     }
-                    _ = sleep, if !self.dirty.is_empty() => {}
+                    done = self.signed_rx.recv(), if signing => self.signed(done),
+                    _ = sleep, if !signing && !self.dirty.is_empty() => {}
                 }
-                if Instant::now() >= next_sign {
-                    self.sign_dirty();
-                    next_sign = Instant::now() + config.sign_interval;
+                let now = Instant::now();
+                if self.in_flight.is_empty()
+                    && self.signed_pending.is_empty()
+                    && !self.dirty.is_empty()
+                    && now >= next_tick
+                {
+                    self.start_signing(now, config.sign_interval);
+                    next_tick = now + tick;
+                }
+                // Signed states (also those just signed inline) wait for the next batch's
+                // transaction; with nothing queued, they get one of their own now, since
+                // nothing else may wake the loop.
+                if !self.signed_pending.is_empty() && rx.is_empty() {
+                    self.persist_pending();
                 }
             }
-            self.sign_dirty();
+            self.sign_all_now().await;
+            if let Some(signer) = self.signer.take() {
+                drop(signer.tx);
+                let _ = signer.thread.join();
+            }
         });
+    }
+
+    /// Takes the heads of `keys` for signing. From here on each counts as signed: its next
+    /// accrual moves it to `seq + 1`, so no other content can ever be signed with the `seq`
+    /// being signed now. (Until the signature is durable nothing is released; after a
+    /// crash the stored head is still unsigned and is signed again with the same content.)
+    fn take_heads(&mut self, keys: impl IntoIterator<Item = PublicKey>, now: Instant) -> Heads {
+        let mut heads = Vec::new();
+        for key in keys {
+            self.dirty.remove(&key);
+            let Some(entry) = self.channels.get_mut(&key) else { continue };
+            if !entry.payer.needs_signature() {
+                continue;
+            }
+            let head = *entry.payer.head();
+            match PayerChannel::restore(head, true) {
+                Ok(marked) => {
+                    entry.payer = marked;
+                    entry.signed_at = Some(now);
+                    heads.push((key, head));
+                }
+                Err(e) => {
+                    tracing::error!(contributor = %key, "channel head breaks invariants: {e}")
+                }
+            }
+        }
+        heads
+    }
+
+    /// Hands a slice of the dirty heads to the signer thread (or signs them here if it is
+    /// gone): those not handed over within `interval`, oldest first, at most
+    /// 1/[`SIGN_SLICES`] of the dirty ones (or [`SIGN_ROUND_MIN`]). A round every `interval / SIGN_SLICES` thus signs
+    /// each channel about once per interval, while the signing work and the signed states a
+    /// commit carries stay small and evenly spread, not one burst per interval.
+    fn start_signing(&mut self, now: Instant, interval: Duration) {
+        let mut due: Vec<(Option<Instant>, PublicKey)> = self
+            .dirty
+            .iter()
+            .filter_map(|key| {
+                let at = self.channels.get(key)?.signed_at;
+                match at {
+                    Some(t) if now.saturating_duration_since(t) < interval => None,
+                    _ => Some((at, *key)),
+                }
+            })
+            .collect();
+        due.sort_unstable();
+        due.truncate(self.dirty.len().div_ceil(SIGN_SLICES).max(SIGN_ROUND_MIN));
+        let heads = self.take_heads(due.into_iter().map(|(_, key)| key), now);
+        if heads.is_empty() {
+            return;
+        }
+        // A few signatures cost less here than the hand-off to another thread and back.
+        if heads.len() <= SIGN_INLINE_MAX {
+            self.signed_pending.extend(sign_heads(&self.provider, heads));
+            return;
+        }
+        if let Some(signer) = &self.signer {
+            match signer.tx.try_send(heads.clone()) {
+                Ok(()) => {
+                    self.in_flight = heads;
+                    return;
+                }
+                Err(_) => {
+                    tracing::error!("signer thread is gone; signing on the ledger thread");
+                    self.signer = None;
+                }
+            }
+        }
+        self.signed_pending.extend(sign_heads(&self.provider, heads));
+    }
+
+    /// A signing round came back (or the signer died: then sign its heads here).
+    fn signed(&mut self, done: Option<SignedHeads>) {
+        let heads = std::mem::take(&mut self.in_flight);
+        match done {
+            Some(signed) => self.signed_pending.extend(signed),
+            None => {
+                tracing::error!("signer thread is gone; signing on the ledger thread");
+                self.signer = None;
+                self.signed_pending.extend(sign_heads(&self.provider, heads));
+            }
+        }
+    }
+
+    /// Signs every dirty head now, makes every signed state durable, and publishes them.
+    async fn sign_all_now(&mut self) {
+        if !self.in_flight.is_empty() {
+            let done = self.signed_rx.recv().await;
+            self.signed(done);
+        }
+        let dirty: Vec<PublicKey> = self.dirty.iter().copied().collect();
+        let heads = self.take_heads(dirty, Instant::now());
+        self.signed_pending.extend(sign_heads(&self.provider, heads));
+        self.persist_pending();
+    }
+
+    /// Writes the pending signed states in a transaction of their own, then publishes them.
+    fn persist_pending(&mut self) {
+        if self.signed_pending.is_empty() {
+            return;
+        }
+        let written = self.conn.transaction().map_err(StoreError::from).and_then(|tx| {
+            persist_states(&tx, &self.signed_pending, &self.channels)?;
+            tx.commit().map_err(StoreError::from)
+        });
+        match written {
+            Ok(()) => self.publish_states(),
+            // Nothing was released; the states stay pending and go with the next write.
+            Err(e) => tracing::error!("persisting signed states failed: {e}"),
+        }
+    }
+
+    /// Publishes the pending signed states; call only once they are durable.
+    fn publish_states(&mut self) {
+        for (key, state) in self.signed_pending.drain(..) {
+            self.hub.publish_state(&key, state);
+        }
     }
 
     /// Sequences, commits and answers one batch.
     fn process(&mut self, jobs: Vec<MeterJob>) {
+        let fates = self.classify(&jobs);
         let mut fresh: Vec<MeterJob> = Vec::with_capacity(jobs.len());
-        let mut in_batch: HashMap<String, usize> = HashMap::new();
         let mut followers: Vec<(MeterJob, usize)> = Vec::new();
-        for job in jobs {
-            let id = job.prepared.request_id.as_str();
-            if let Some(&i) = in_batch.get(id) {
-                if fresh[i].prepared.content_hash == job.prepared.content_hash {
-                    followers.push((job, i));
-                } else {
-                    let _ = job.reply.send(Err(different_content()));
-                }
-                continue;
-            }
-            match find_event(&self.conn, &self.ids, id) {
-                Ok(Some(row)) => {
-                    let answer = if row.content_hash == job.prepared.content_hash {
-                        Ok(self.replay(&row, job.include_shares))
-                    } else {
-                        Err(different_content())
-                    };
+        for (job, fate) in jobs.into_iter().zip(fates) {
+            match fate {
+                Fate::Fresh => fresh.push(job),
+                Fate::Follows(leaf) => followers.push((job, leaf)),
+                Fate::Answered(answer) => {
                     let _ = job.reply.send(answer);
-                }
-                Ok(None) => {
-                    in_batch.insert(id.to_owned(), fresh.len());
-                    fresh.push(job);
-                }
-                Err(e) => {
-                    let _ = job.reply.send(Err(ApiError::storage(e)));
                 }
             }
         }
@@ -492,22 +704,16 @@ impl Writer {
             return;
         }
         match self.commit(&fresh) {
-            Ok(batch_seq) => {
-                let outcomes: Vec<MeterOutcome> = fresh
-                    .iter()
-                    .enumerate()
-                    .map(|(i, j)| {
-                        outcome(&j.prepared, batch_seq, i as u32, false, j.include_shares)
-                    })
-                    .collect();
-                self.publish_payments(&fresh, batch_seq);
-                for (job, i) in followers {
-                    let mut o = outcomes[i].clone();
-                    o.replayed = true;
-                    o.shares = job.include_shares.then(|| fresh[i].prepared.receipt().shares);
+            Ok((batch_seq, groups)) => {
+                self.publish_payments(&fresh, &groups, batch_seq);
+                for (job, leaf) in followers {
+                    let p = &fresh[leaf].prepared;
+                    let o = outcome(p, batch_seq, leaf as u32, true, job.include_shares);
                     let _ = job.reply.send(Ok(o));
                 }
-                for (job, o) in fresh.into_iter().zip(outcomes) {
+                for (leaf, job) in fresh.into_iter().enumerate() {
+                    let o =
+                        outcome(&job.prepared, batch_seq, leaf as u32, false, job.include_shares);
                     let _ = job.reply.send(Ok(o));
                 }
             }
@@ -520,32 +726,83 @@ impl Writer {
         }
     }
 
-    /// Writes a batch in one transaction; installs the new channel heads only after commit.
-    fn commit(&mut self, fresh: &[MeterJob]) -> Result<u64, ApiError> {
+    /// Decides each request's fate: the id index is locked once per batch, and the log is
+    /// read only for ids the index has seen (replays, or rare 64-bit hash collisions).
+    fn classify(&self, jobs: &[MeterJob]) -> Vec<Fate> {
+        let candidates: Vec<Vec<u64>> = {
+            let ids = lock_ids(&self.ids);
+            jobs.iter().map(|j| ids.candidates(j.prepared.request_id.as_str())).collect()
+        };
+        let mut fates = Vec::with_capacity(jobs.len());
+        // Fresh ids of this batch → (leaf index, content hash).
+        let mut fresh: HashMap<&str, (usize, &[u8; 32])> = HashMap::new();
+        for (job, candidates) in jobs.iter().zip(candidates) {
+            let p = &job.prepared;
+            let id = p.request_id.as_str();
+            if let Some(&(leaf, content)) = fresh.get(id) {
+                fates.push(if *content == p.content_hash {
+                    Fate::Follows(leaf)
+                } else {
+                    Fate::Answered(Err(different_content()))
+                });
+                continue;
+            }
+            let stored =
+                if candidates.is_empty() { Ok(None) } else { self.stored_event(&candidates, id) };
+            fates.push(match stored {
+                Ok(Some(row)) => Fate::Answered(if row.content_hash == p.content_hash {
+                    Ok(self.replay(&row, job.include_shares))
+                } else {
+                    Err(different_content())
+                }),
+                Ok(None) => {
+                    fresh.insert(id, (fresh.len(), &p.content_hash));
+                    Fate::Fresh
+                }
+                Err(e) => Fate::Answered(Err(ApiError::storage(e))),
+            });
+        }
+        fates
+    }
+
+    fn stored_event(
+        &self,
+        candidates: &[u64],
+        request_id: &str,
+    ) -> Result<Option<EventRow>, StoreError> {
+        for &seq in candidates {
+            if let Some(row) = event_by_seq(&self.conn, seq)? {
+                if row.request_id == request_id {
+                    return Ok(Some(row));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Writes a batch in one transaction (with any signed states waiting to become
+    /// durable); installs the new channel heads and publishes those states only after
+    /// the commit. Returns the batch's sequence number and its jobs grouped by weights.
+    fn commit(&mut self, fresh: &[MeterJob]) -> Result<(u64, Groups), ApiError> {
+        let internal = |e: String| ApiError::new(Code::Internal, ErrorReason::Internal, e);
         let batch_seq = self.next_batch_seq;
         let tree = MerkleTree::new(fresh.iter().map(|j| j.prepared.leaf).collect())
-            .map_err(|e| ApiError::new(Code::Internal, ErrorReason::Internal, e.to_string()))?;
+            .map_err(|e| internal(e.to_string()))?;
         let root = ReceiptBatchRoot::for_tree(self.network, self.provider_key, batch_seq, &tree);
         let signed_root = Signed::sign(root, &self.provider, &fresh_aux())
-            .map_err(|e| ApiError::new(Code::Internal, ErrorReason::Internal, e.to_string()))?;
+            .map_err(|e| internal(e.to_string()))?;
 
         // Sum shares per weights vector first (no hashing per share), then per contributor.
-        let mut groups: Vec<(&Arc<Weights>, Vec<Nsat>)> = Vec::new();
-        for j in fresh {
-            let p = &j.prepared;
-            let g = match groups.iter().position(|(w, _)| Arc::ptr_eq(w, &p.weights)) {
-                Some(g) => g,
-                None => {
-                    groups.push((&p.weights, vec![Nsat::ZERO; p.weights.len()]));
-                    groups.len() - 1
-                }
-            };
-            for (sum, share) in groups[g].1.iter_mut().zip(&p.shares) {
+        let groups = Groups::of(fresh);
+        let mut totals: Vec<Vec<Nsat>> =
+            groups.weights.iter().map(|w| vec![Nsat::ZERO; w.len()]).collect();
+        for (j, &g) in fresh.iter().zip(&groups.of_job) {
+            for (sum, share) in totals[g].iter_mut().zip(&j.prepared.shares) {
                 *sum = sum.checked_add(*share).map_err(overflow)?;
             }
         }
         let mut sums: HashMap<PublicKey, Nsat> = HashMap::new();
-        for (w, totals) in &groups {
+        for (w, totals) in groups.weights.iter().zip(&totals) {
             for ((key, _), amount) in w.entries().iter().zip(totals) {
                 if !amount.is_zero() {
                     let s = sums.entry(*key).or_insert(Nsat::ZERO);
@@ -553,10 +810,11 @@ impl Writer {
                 }
             }
         }
+        // (key, new entry (rowid 0 if the channel is new), amount)
         let mut staged: Vec<(PublicKey, ChannelEntry, Nsat)> = Vec::with_capacity(sums.len());
         for (key, amount) in sums {
-            let (nonce, payer) = match self.channels.get(&key) {
-                Some(e) => (e.nonce, e.payer.clone()),
+            let (nonce, payer, rowid, signed_at) = match self.channels.get(&key) {
+                Some(e) => (e.nonce, e.payer.clone(), e.rowid, e.signed_at),
                 None => {
                     let nonce = fresh_aux();
                     let params = ChannelParams {
@@ -565,16 +823,23 @@ impl Writer {
                         contributor_key: key,
                         nonce,
                     };
-                    (nonce, PayerChannel::open(&params))
+                    (nonce, PayerChannel::open(&params), 0, None)
                 }
             };
-            let payer = payer
-                .accrue(amount)
-                .map_err(|e| ApiError::new(Code::Internal, ErrorReason::Internal, e.to_string()))?;
-            staged.push((key, ChannelEntry { nonce, payer }, amount));
+            let before = *payer.head();
+            let payer = payer.accrue(amount).map_err(|e| internal(e.to_string()))?;
+            let after = payer.head();
+            // What `update_channel` writes is all an accrual may change.
+            if (after.status, after.settled_msat, after.last_settlement_hash)
+                != (before.status, before.settled_msat, before.last_settlement_hash)
+            {
+                return Err(internal(format!("accrual changed more than the balance of {key}")));
+            }
+            staged.push((key, ChannelEntry { nonce, payer, rowid, signed_at }, amount));
         }
 
         let now = store::u64_to_column(unix_now(), "now")?;
+        let batch_col = store::u64_to_column(batch_seq, "batch_seq")?;
         let tx = self.conn.transaction().map_err(StoreError::from)?;
         {
             let mut ins = tx
@@ -595,46 +860,49 @@ impl Writer {
                     p.attribution.as_deref(),
                     store::u64_to_column(p.price_nsat, "price_nsat")?,
                     store::u64_to_column(p.pool_nsat, "pool_nsat")?,
-                    store::u64_to_column(batch_seq, "batch_seq")?,
+                    batch_col,
                     i as i64,
                     now,
                 ])
                 .map_err(StoreError::from)?;
             }
             let leaves: Vec<u8> = fresh.iter().flat_map(|j| j.prepared.leaf).collect();
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO receipt_batches (batch_seq, receipt_count, merkle_root, signed_root, leaves, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    store::u64_to_column(batch_seq, "batch_seq")?,
-                    fresh.len() as i64,
-                    &tree.root()[..],
-                    signed_root.encode(),
-                    leaves,
-                    now
-                ],
             )
+            .map_err(StoreError::from)?
+            .execute(params![
+                batch_col,
+                fresh.len() as i64,
+                &tree.root()[..],
+                signed_root.encode(),
+                leaves,
+                now
+            ])
             .map_err(StoreError::from)?;
             let mut acc = tx
                 .prepare_cached(
                     "INSERT INTO batch_accruals (batch_seq, channel_id, amount_msat, amount_rem_nsat) VALUES (?1, ?2, ?3, ?4)",
                 )
                 .map_err(StoreError::from)?;
-            for (key, entry, amount) in &staged {
-                write_channel(&tx, key, entry, batch_seq)?;
+            let mut upd = tx.prepare_cached(UPDATE_CHANNEL).map_err(StoreError::from)?;
+            for (key, entry, amount) in &mut staged {
+                if entry.rowid == 0 {
+                    entry.rowid = insert_channel(&tx, key, entry, batch_seq)?;
+                } else {
+                    update_channel(&mut upd, entry)?;
+                }
                 let (m, r) = store::nsat_to_columns(*amount)?;
-                acc.execute(params![
-                    store::u64_to_column(batch_seq, "batch_seq")?,
-                    &entry.id().0[..],
-                    m,
-                    r
-                ])
-                .map_err(StoreError::from)?;
+                acc.execute(params![batch_col, &entry.id().0[..], m, r])
+                    .map_err(StoreError::from)?;
             }
+            // Signed states whose signature is not yet durable ride along.
+            persist_states(&tx, &self.signed_pending, &self.channels)?;
         }
         tx.commit().map_err(StoreError::from)?;
 
-        // Durable: install.
+        // Durable: install, and release the signed states.
         {
             let mut ids = lock_ids(&self.ids);
             for (i, j) in fresh.iter().enumerate() {
@@ -645,9 +913,10 @@ impl Writer {
             self.dirty.insert(key);
             self.channels.insert(key, entry);
         }
+        self.publish_states();
         self.next_event_seq += fresh.len() as u64;
         self.next_batch_seq += 1;
-        Ok(batch_seq)
+        Ok((batch_seq, groups))
     }
 
     fn replay(&self, row: &EventRow, include_shares: bool) -> MeterOutcome {
@@ -664,17 +933,28 @@ impl Writer {
         }
     }
 
-    fn publish_payments(&self, fresh: &[MeterJob], batch_seq: u64) {
-        let mut listeners: HashMap<PublicKey, bool> = HashMap::new();
-        for (i, j) in fresh.iter().enumerate() {
+    /// Each request's micropayments to the contributors that have event subscribers. Who
+    /// listens is looked up once per weights vector per batch, not once per share.
+    fn publish_payments(&self, fresh: &[MeterJob], groups: &Groups, batch_seq: u64) {
+        let listening: Vec<Option<Vec<bool>>> = groups
+            .weights
+            .iter()
+            .map(|w| {
+                let flags: Vec<bool> =
+                    w.entries().iter().map(|(k, _)| self.hub.has_event_subscribers(k)).collect();
+                flags.contains(&true).then_some(flags)
+            })
+            .collect();
+        if listening.iter().all(Option::is_none) {
+            return;
+        }
+        for ((leaf, j), &g) in fresh.iter().enumerate().zip(&groups.of_job) {
+            let Some(flags) = &listening[g] else { continue };
             let p = &j.prepared;
             let request_id: Arc<str> = Arc::from(p.request_id.as_str());
-            for ((key, _), share) in p.weights.entries().iter().zip(&p.shares) {
-                if share.is_zero()
-                    || !*listeners
-                        .entry(*key)
-                        .or_insert_with(|| self.hub.has_event_subscribers(key))
-                {
+            for (((key, _), share), listens) in p.weights.entries().iter().zip(&p.shares).zip(flags)
+            {
+                if !*listens || share.is_zero() {
                     continue;
                 }
                 // A share is at most the pool, which fits u64.
@@ -685,85 +965,88 @@ impl Writer {
                         request_id: request_id.clone(),
                         share_nsat,
                         batch_seq,
-                        leaf_index: i as u32,
+                        leaf_index: leaf as u32,
                     },
                 );
             }
         }
     }
+}
 
-    /// Signs every dirty head, persists the signed states, then publishes them.
-    fn sign_dirty(&mut self) {
-        if self.dirty.is_empty() {
-            return;
-        }
-        let mut signed = Vec::with_capacity(self.dirty.len());
-        for key in &self.dirty {
-            let Some(entry) = self.channels.get(key) else { continue };
-            if !entry.payer.needs_signature() {
-                continue;
-            }
-            match entry.payer.sign(&self.provider, &fresh_aux()) {
-                Ok((payer, state)) => signed.push((*key, payer, state)),
-                Err(e) => tracing::error!(contributor = %key, "cannot sign channel head: {e}"),
-            }
-        }
-        match persist_states(&mut self.conn, &signed) {
-            Ok(()) => {
-                self.dirty.clear();
-                for (key, payer, state) in signed {
-                    if let Some(entry) = self.channels.get_mut(&key) {
-                        entry.payer = payer;
-                    }
-                    self.hub.publish_state(&key, state);
-                }
-            }
-            // Nothing was released; the heads stay dirty and are signed again next time.
-            Err(e) => tracing::error!("persisting signed states failed: {e}"),
-        }
+/// A batch's jobs grouped by the weights they were split by (one `Arc` per model version;
+/// one per request with its own attribution), found by pointer.
+struct Groups {
+    weights: Vec<Arc<Weights>>,
+    /// Group of each job, in batch order.
+    of_job: Vec<usize>,
+}
+
+impl Groups {
+    fn of(jobs: &[MeterJob]) -> Groups {
+        let mut index: HashMap<*const Weights, usize> = HashMap::new();
+        let mut weights = Vec::new();
+        let of_job = jobs
+            .iter()
+            .map(|j| {
+                *index.entry(Arc::as_ptr(&j.prepared.weights)).or_insert_with(|| {
+                    weights.push(j.prepared.weights.clone());
+                    weights.len() - 1
+                })
+            })
+            .collect();
+        Groups { weights, of_job }
     }
 }
 
+/// Writes signed states and marks each channel row whose head is exactly that state as
+/// signed. A row whose head moved on since (a newer, unsigned `seq`) is left as it is.
 fn persist_states(
-    conn: &mut Connection,
-    signed: &[(PublicKey, PayerChannel, Signed<ChannelState>)],
+    tx: &rusqlite::Transaction<'_>,
+    signed: &SignedHeads,
+    channels: &HashMap<PublicKey, ChannelEntry>,
 ) -> Result<(), StoreError> {
-    let tx = conn.transaction()?;
-    {
-        let mut ins = tx.prepare_cached(
-            "INSERT INTO channel_states (channel_id, seq, state) VALUES (?1, ?2, ?3)",
-        )?;
-        let mut upd = tx.prepare_cached(
-            "UPDATE channels SET head_signed = 1 WHERE channel_id = ?1 AND seq = ?2",
-        )?;
-        for (_, _, s) in signed {
-            let seq = store::u64_to_column(s.message.seq, "seq")?;
-            ins.execute(params![&s.message.channel_id.0[..], seq, s.encode()])?;
-            if upd.execute(params![&s.message.channel_id.0[..], seq])? != 1 {
-                return Err(StoreError::Corrupt("channel head moved while signing".into()));
-            }
-        }
+    if signed.is_empty() {
+        return Ok(());
     }
-    tx.commit()?;
+    let mut ins = tx.prepare_cached(
+        "INSERT INTO channel_states (channel_id, seq, state) VALUES (?1, ?2, ?3)",
+    )?;
+    let mut upd = tx.prepare_cached(
+        "UPDATE channels SET head_signed = 1 WHERE rowid = ?1 AND channel_id = ?2 AND seq = ?3
+            AND status = ?4 AND accrued_msat = ?5 AND accrued_rem_nsat = ?6 AND settled_msat = ?7",
+    )?;
+    for (key, s) in signed {
+        let m = &s.message;
+        let seq = store::u64_to_column(m.seq, "seq")?;
+        ins.execute(params![&m.channel_id.0[..], seq, s.encode()])?;
+        let Some(rowid) = channels.get(key).map(|e| e.rowid) else { continue };
+        let (am, ar) = store::nsat_to_columns(m.accrued_nsat)?;
+        upd.execute(params![
+            rowid,
+            &m.channel_id.0[..],
+            seq,
+            status_to_column(m.status),
+            am,
+            ar,
+            store::msat_to_column(m.settled_msat)?
+        ])?;
+    }
     Ok(())
 }
 
-fn write_channel(
+/// A channel's first row; returns its rowid.
+fn insert_channel(
     tx: &rusqlite::Transaction<'_>,
     key: &PublicKey,
     entry: &ChannelEntry,
     batch_seq: u64,
-) -> Result<(), StoreError> {
+) -> Result<i64, StoreError> {
     let h = entry.payer.head();
     let (am, ar) = store::nsat_to_columns(h.accrued_nsat)?;
     tx.prepare_cached(
         "INSERT INTO channels (channel_id, contributor_key, nonce, status, seq, accrued_msat, accrued_rem_nsat,
             settled_msat, last_settlement_hash, head_signed, opened_batch_seq)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-         ON CONFLICT (channel_id) DO UPDATE SET status = excluded.status, seq = excluded.seq,
-            accrued_msat = excluded.accrued_msat, accrued_rem_nsat = excluded.accrued_rem_nsat,
-            settled_msat = excluded.settled_msat, last_settlement_hash = excluded.last_settlement_hash,
-            head_signed = excluded.head_signed",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
     .execute(params![
         &h.channel_id.0[..],
@@ -778,6 +1061,33 @@ fn write_channel(
         i64::from(!entry.payer.needs_signature()),
         store::u64_to_column(batch_seq, "batch_seq")?,
     ])?;
+    Ok(tx.last_insert_rowid())
+}
+
+/// Moves a channel row to the entry's head after an accrual, by rowid (checked against the
+/// channel id). An accrual changes only `seq`, the accrued amount and whether the head is
+/// signed; leaving `status` alone also spares SQLite the partial index on active channels.
+const UPDATE_CHANNEL: &str =
+    "UPDATE channels SET seq = ?2, accrued_msat = ?3, accrued_rem_nsat = ?4,
+    head_signed = ?5 WHERE rowid = ?1 AND channel_id = ?6";
+
+fn update_channel(
+    upd: &mut rusqlite::CachedStatement<'_>,
+    entry: &ChannelEntry,
+) -> Result<(), StoreError> {
+    let h = entry.payer.head();
+    let (am, ar) = store::nsat_to_columns(h.accrued_nsat)?;
+    let changed = upd.execute(params![
+        entry.rowid,
+        store::u64_to_column(h.seq, "seq")?,
+        am,
+        ar,
+        i64::from(!entry.payer.needs_signature()),
+        &h.channel_id.0[..],
+    ])?;
+    if changed != 1 {
+        return Err(StoreError::Corrupt(format!("channel row {} is missing", entry.rowid)));
+    }
     Ok(())
 }
 
@@ -890,11 +1200,12 @@ impl ChannelRow {
         &self,
         network: Network,
         provider_key: PublicKey,
+        rowid: i64,
     ) -> Result<(PublicKey, ChannelEntry, bool), StoreError> {
         let (key, nonce, state) = self.head(network, provider_key)?;
         let payer = PayerChannel::restore(state, self.head_signed)
             .map_err(|e| StoreError::Corrupt(format!("channel {key}: {e}")))?;
-        Ok((key, ChannelEntry { nonce, payer }, self.head_signed))
+        Ok((key, ChannelEntry { nonce, payer, rowid, signed_at: None }, self.head_signed))
     }
 }
 

@@ -12,8 +12,8 @@ use tonic::Code;
 use tribute_channels::attribution::{request_weights, AttributionError};
 use tribute_channels::licence::Use;
 use tribute_channels::pricing::{contributor_pool, Usage};
-use tribute_channels::receipt::Receipt;
-use tribute_channels::split::Weights;
+use tribute_channels::receipt::{leaf_hash_of, Receipt};
+use tribute_channels::split::{SplitScratch, Weights};
 use tribute_channels::{DatasetHash, ModelId, Nsat, PublicKey, RequestId, Timestamp};
 use tribute_proto::v1::ErrorReason;
 
@@ -99,6 +99,11 @@ pub fn receipt_of(
     }
 }
 
+thread_local! {
+    /// The split's working memory, reused by every request prepared on this thread.
+    static SCRATCH: std::cell::RefCell<SplitScratch> = std::cell::RefCell::new(SplitScratch::new());
+}
+
 fn price_error(msg: &str) -> ApiError {
     ApiError::new(Code::InvalidArgument, ErrorReason::PriceOutOfRange, msg.to_owned())
         .with("field", "price")
@@ -177,10 +182,15 @@ pub fn prepare(
     let content_hash = sha256::Hash::from_engine(content).to_byte_array();
 
     let mut shares = Vec::with_capacity(weights.len());
-    weights.split_into(pool, &mut shares);
-    let leaf =
-        receipt_of(&request_id, &model_id, attribution_version, pool_nsat, &weights, &shares)
-            .leaf_hash();
+    SCRATCH.with(|s| weights.split_into_with(pool, &mut shares, &mut s.borrow_mut()));
+    // Streamed straight into SHA-256: no receipt or encoding is built per request.
+    let leaf = leaf_hash_of(
+        &request_id,
+        &model_id,
+        attribution_version,
+        pool,
+        weights.entries().iter().map(|(key, _)| key).zip(shares.iter().copied()),
+    );
     Ok(Prepared {
         request_id,
         content_hash,
