@@ -312,10 +312,9 @@ fn main() -> Result<(), BenchError> {
             sqlite::writer_shaped(&raw_dir, b, setup::CONTRIBUTORS as usize, timing.sqlite)?;
         println!(
             "raw SQLite, {b:>5} rows/transaction: {:>9.0} rows/s ({} transactions); \
-             writer-shaped (+ batch row, {} channel updates, {} accrual rows): {:>9.0} rows/s; load {load}",
+             writer-shaped (+ batch row with leaves and {} channel accruals): {:>9.0} rows/s; load {load}",
             r.rate(),
             r.transactions,
-            setup::CONTRIBUTORS,
             setup::CONTRIBUTORS,
             shaped.rate(),
         );

@@ -11,6 +11,14 @@
 //! against the stored row. The event row, which is the idempotency record, is written in
 //! the same transaction as the accruals it guards.
 //!
+//! Channel rows: a batch does not rewrite the rows of the channels it touches. Its
+//! per-channel accruals go into its own `receipt_batches` row (one blob), and a channel's row
+//! is rewritten (head, `applied_batch_seq`) only when one of its signed states is stored,
+//! about once per `sign_interval` while it accrues. The current head is the row plus the
+//! accruals of later batches ([`Unapplied`]), which start-up replays; the watermark in
+//! `meta` bounds how far back that reading goes. So a commit costs one row per request and
+//! one per batch, whatever the number of contributors.
+//!
 //! Channel states: accruals move each channel's head; every `sign_interval` the dirty heads
 //! are handed to a signer thread (so signing never stalls a commit), and the signed states
 //! come back to the writer, which writes them in its next transaction (a batch's, or one of
@@ -304,8 +312,8 @@ impl LedgerHandle {
 struct ChannelEntry {
     nonce: [u8; 32],
     payer: PayerChannel,
-    /// The channel's `rowid` in `channels`, so a batch updates the row without an index
-    /// lookup.
+    /// The channel's `rowid` in `channels` (0: not yet inserted), so a row is rewritten
+    /// without an index lookup.
     rowid: i64,
     /// When its head was last handed to the signer (`None`: not since start-up).
     signed_at: Option<Instant>,
@@ -322,6 +330,8 @@ impl ChannelEntry {
 const SIGN_SLICES: usize = 8;
 /// Heads one signing round may always take (≈ 0.4 ms of signing).
 const SIGN_ROUND_MIN: usize = 16;
+/// Longest a signed state waits for a batch's transaction to ride along with.
+const MAX_RIDE_WAIT: Duration = Duration::from_millis(5);
 /// Rounds this small are signed on the writer itself (≈ 25 µs per head).
 const SIGN_INLINE_MAX: usize = 4;
 
@@ -388,6 +398,10 @@ struct Writer {
     in_flight: Heads,
     /// Signed states not yet durable: written by the next transaction, published after it.
     signed_pending: SignedHeads,
+    /// Since when `signed_pending` is not empty.
+    pending_since: Option<Instant>,
+    /// Channels whose row lags their head: the first batch the row does not show.
+    unwritten: HashMap<PublicKey, u64>,
 }
 
 impl Ledger {
@@ -418,6 +432,8 @@ impl Ledger {
             signed_rx,
             in_flight: Vec::new(),
             signed_pending: Vec::new(),
+            pending_since: None,
+            unwritten: HashMap::new(),
         };
         writer.load()?;
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
@@ -473,32 +489,48 @@ impl Writer {
             }
         }
         let rows: Vec<(ChannelRow, i64)> = {
-            let mut stmt = self.conn.prepare(
-                "SELECT contributor_key, nonce, status, seq, accrued_msat, accrued_rem_nsat, settled_msat,
-                        last_settlement_hash, head_signed, rowid FROM channels WHERE status = 0",
-            )?;
+            let mut stmt = self.conn.prepare(&format!(
+                "SELECT {CHANNEL_COLUMNS}, rowid FROM channels WHERE status = 0"
+            ))?;
             let rows = stmt
-                .query_map([], |r| Ok((ChannelRow::from_row(r)?, r.get::<_, i64>(9)?)))?
+                .query_map([], |r| {
+                    Ok((ChannelRow::from_row(r)?, r.get::<_, i64>(CHANNEL_COLUMN_COUNT)?))
+                })?
                 .collect::<Result<Vec<_>, _>>()?;
             rows
         };
+        // Rows plus the accruals of the batches they do not show yet.
+        let unapplied = Unapplied::read(&self.conn)?;
+        let mut replayed = 0usize;
         for (row, rowid) in rows {
-            let (key, mut entry, mut signed) =
-                row.restore(self.network, self.provider_key, rowid)?;
+            let (key, nonce, payer) = unapplied.apply(&row, self.network, self.provider_key)?;
+            if unapplied.touches(&payer.head().channel_id) {
+                replayed += 1;
+            }
+            if let Some(first) =
+                unapplied.first_after(&payer.head().channel_id, row.applied_batch_seq)
+            {
+                self.unwritten.insert(key, first);
+            }
+            let mut entry = ChannelEntry { nonce, payer, rowid, signed_at: None };
             if let Some(state) = latest_signed_state(&self.conn, &entry.id())? {
                 // The head may have been signed without its row saying so: then it must not
                 // be signed again under the same `seq`.
-                if !signed && state.message == *entry.payer.head() {
+                if entry.payer.needs_signature() && state.message == *entry.payer.head() {
                     entry.payer = PayerChannel::restore(state.message, true)
                         .map_err(|e| StoreError::Corrupt(format!("channel {key}: {e}")))?;
-                    signed = true;
                 }
                 self.hub.publish_state(&key, state);
             }
-            if !signed {
+            if entry.payer.needs_signature() {
                 self.dirty.insert(key);
             }
             self.channels.insert(key, entry);
+        }
+        if unapplied.channels() > replayed {
+            return Err(StoreError::Corrupt(
+                "a batch accrued to a channel that is not active".into(),
+            ));
         }
         Ok(())
     }
@@ -514,10 +546,17 @@ impl Writer {
         rt.block_on(async move {
             let mut buf = Vec::with_capacity(config.max_batch);
             let tick = (config.sign_interval / SIGN_SLICES as u32).max(Duration::from_millis(1));
+            // Signed states ride along with the next batch's transaction if one comes soon
+            // (under load one always does); else they get a transaction of their own.
+            let ride = (tick / 2).min(MAX_RIDE_WAIT);
             let mut next_tick = Instant::now() + tick;
             loop {
-                let sleep = tokio::time::sleep_until(next_tick.into());
                 let signing = !self.in_flight.is_empty();
+                let wake = match self.pending_since {
+                    Some(since) => Some(since + ride),
+                    None => (!signing && !self.dirty.is_empty()).then_some(next_tick),
+                };
+                let sleep = tokio::time::sleep_until(wake.unwrap_or(next_tick).into());
                 tokio::select! {
                     n = rx.recv_many(&mut buf, config.max_batch) => {
                         if n == 0 {
@@ -542,7 +581,7 @@ impl Writer {
                         }
                     }
                     done = self.signed_rx.recv(), if signing => self.signed(done),
-                    _ = sleep, if !signing && !self.dirty.is_empty() => {}
+                    _ = sleep, if wake.is_some() => {}
                 }
                 let now = Instant::now();
                 if self.in_flight.is_empty()
@@ -553,10 +592,7 @@ impl Writer {
                     self.start_signing(now, config.sign_interval);
                     next_tick = now + tick;
                 }
-                // Signed states (also those just signed inline) wait for the next batch's
-                // transaction; with nothing queued, they get one of their own now, since
-                // nothing else may wake the loop.
-                if !self.signed_pending.is_empty() && rx.is_empty() {
+                if self.pending_since.is_some_and(|since| now >= since + ride) && rx.is_empty() {
                     self.persist_pending();
                 }
             }
@@ -620,7 +656,7 @@ impl Writer {
         }
         // A few signatures cost less here than the hand-off to another thread and back.
         if heads.len() <= SIGN_INLINE_MAX {
-            self.signed_pending.extend(sign_heads(&self.provider, heads));
+            self.add_signed(sign_heads(&self.provider, heads));
             return;
         }
         if let Some(signer) = &self.signer {
@@ -635,18 +671,18 @@ impl Writer {
                 }
             }
         }
-        self.signed_pending.extend(sign_heads(&self.provider, heads));
+        self.add_signed(sign_heads(&self.provider, heads));
     }
 
     /// A signing round came back (or the signer died: then sign its heads here).
     fn signed(&mut self, done: Option<SignedHeads>) {
         let heads = std::mem::take(&mut self.in_flight);
         match done {
-            Some(signed) => self.signed_pending.extend(signed),
+            Some(signed) => self.add_signed(signed),
             None => {
                 tracing::error!("signer thread is gone; signing on the ledger thread");
                 self.signer = None;
-                self.signed_pending.extend(sign_heads(&self.provider, heads));
+                self.add_signed(sign_heads(&self.provider, heads));
             }
         }
     }
@@ -659,7 +695,7 @@ impl Writer {
         }
         let dirty: Vec<PublicKey> = self.dirty.iter().copied().collect();
         let heads = self.take_heads(dirty, Instant::now());
-        self.signed_pending.extend(sign_heads(&self.provider, heads));
+        self.add_signed(sign_heads(&self.provider, heads));
         self.persist_pending();
     }
 
@@ -668,20 +704,45 @@ impl Writer {
         if self.signed_pending.is_empty() {
             return;
         }
+        let applied = self.next_batch_seq - 1;
+        let persisted: HashSet<PublicKey> = self.signed_pending.iter().map(|(k, _)| *k).collect();
+        let watermark = self
+            .unwritten
+            .iter()
+            .filter(|(k, _)| !persisted.contains(k))
+            .map(|(_, first)| first - 1)
+            .min()
+            .unwrap_or(applied);
+        let channels = &self.channels;
         let written = self.conn.transaction().map_err(StoreError::from).and_then(|tx| {
-            persist_states(&tx, &self.signed_pending, &self.channels)?;
+            persist_states(&tx, &self.signed_pending, |k| channels.get(k), applied, watermark)?;
             tx.commit().map_err(StoreError::from)
         });
         match written {
             Ok(()) => self.publish_states(),
-            // Nothing was released; the states stay pending and go with the next write.
-            Err(e) => tracing::error!("persisting signed states failed: {e}"),
+            // Nothing was released; the states stay pending and go with the next write
+            // (or are tried again after the wait).
+            Err(e) => {
+                tracing::error!("persisting signed states failed: {e}");
+                self.pending_since = Some(Instant::now());
+            }
         }
     }
 
-    /// Publishes the pending signed states; call only once they are durable.
+    /// Queues signed states to be made durable (then published).
+    fn add_signed(&mut self, signed: SignedHeads) {
+        if !signed.is_empty() && self.pending_since.is_none() {
+            self.pending_since = Some(Instant::now());
+        }
+        self.signed_pending.extend(signed);
+    }
+
+    /// Publishes the pending signed states; call only once they are durable (with their
+    /// channels' rows, which then lag no more).
     fn publish_states(&mut self) {
+        self.pending_since = None;
         for (key, state) in self.signed_pending.drain(..) {
+            self.unwritten.remove(&key);
             self.hub.publish_state(&key, state);
         }
     }
@@ -826,17 +887,29 @@ impl Writer {
                     (nonce, PayerChannel::open(&params), 0, None)
                 }
             };
-            let before = *payer.head();
             let payer = payer.accrue(amount).map_err(|e| internal(e.to_string()))?;
-            let after = payer.head();
-            // What `update_channel` writes is all an accrual may change.
-            if (after.status, after.settled_msat, after.last_settlement_hash)
-                != (before.status, before.settled_msat, before.last_settlement_hash)
-            {
-                return Err(internal(format!("accrual changed more than the balance of {key}")));
-            }
             staged.push((key, ChannelEntry { nonce, payer, rowid, signed_at }, amount));
         }
+        let mut accruals: Vec<(ChannelId, Nsat)> =
+            staged.iter().map(|(_, e, amount)| (e.id(), *amount)).collect();
+        accruals.sort_unstable_by_key(|(id, _)| id.0);
+        let accruals = encode_accruals(&accruals);
+        // Rows of the channels this batch touches lag from this batch on, except new ones
+        // (inserted below) and those whose signed state this transaction stores.
+        let persisted: HashSet<PublicKey> = self.signed_pending.iter().map(|(k, _)| *k).collect();
+        let watermark = self
+            .unwritten
+            .iter()
+            .filter(|(k, _)| !persisted.contains(k))
+            .map(|(_, first)| *first)
+            .chain(
+                staged
+                    .iter()
+                    .filter(|(k, e, _)| e.rowid != 0 && !persisted.contains(k))
+                    .map(|_| batch_seq),
+            )
+            .min()
+            .map_or(batch_seq, |first| first - 1);
 
         let now = store::u64_to_column(unix_now(), "now")?;
         let batch_col = store::u64_to_column(batch_seq, "batch_seq")?;
@@ -868,8 +941,9 @@ impl Writer {
             }
             let leaves: Vec<u8> = fresh.iter().flat_map(|j| j.prepared.leaf).collect();
             tx.prepare_cached(
-                "INSERT INTO receipt_batches (batch_seq, receipt_count, merkle_root, signed_root, leaves, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO receipt_batches (batch_seq, receipt_count, merkle_root, signed_root, leaves,
+                    accruals, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )
             .map_err(StoreError::from)?
             .execute(params![
@@ -878,27 +952,26 @@ impl Writer {
                 &tree.root()[..],
                 signed_root.encode(),
                 leaves,
+                accruals,
                 now
             ])
             .map_err(StoreError::from)?;
-            let mut acc = tx
-                .prepare_cached(
-                    "INSERT INTO batch_accruals (batch_seq, channel_id, amount_msat, amount_rem_nsat) VALUES (?1, ?2, ?3, ?4)",
-                )
-                .map_err(StoreError::from)?;
-            let mut upd = tx.prepare_cached(UPDATE_CHANNEL).map_err(StoreError::from)?;
-            for (key, entry, amount) in &mut staged {
+            for (key, entry, _) in &mut staged {
                 if entry.rowid == 0 {
                     entry.rowid = insert_channel(&tx, key, entry, batch_seq)?;
-                } else {
-                    update_channel(&mut upd, entry)?;
                 }
-                let (m, r) = store::nsat_to_columns(*amount)?;
-                acc.execute(params![batch_col, &entry.id().0[..], m, r])
-                    .map_err(StoreError::from)?;
             }
-            // Signed states whose signature is not yet durable ride along.
-            persist_states(&tx, &self.signed_pending, &self.channels)?;
+            // Signed states whose signature is not yet durable ride along, with their
+            // channels' rows as of this batch.
+            let staged_entries: HashMap<PublicKey, &ChannelEntry> =
+                staged.iter().map(|(k, e, _)| (*k, e)).collect();
+            persist_states(
+                &tx,
+                &self.signed_pending,
+                |k| staged_entries.get(k).copied().or_else(|| self.channels.get(k)),
+                batch_seq,
+                watermark,
+            )?;
         }
         tx.commit().map_err(StoreError::from)?;
 
@@ -910,6 +983,9 @@ impl Writer {
             }
         }
         for (key, entry, _) in staged {
+            if self.channels.contains_key(&key) {
+                self.unwritten.entry(key).or_insert(batch_seq);
+            }
             self.dirty.insert(key);
             self.channels.insert(key, entry);
         }
@@ -998,12 +1074,16 @@ impl Groups {
     }
 }
 
-/// Writes signed states and marks each channel row whose head is exactly that state as
-/// signed. A row whose head moved on since (a newer, unsigned `seq`) is left as it is.
-fn persist_states(
+/// Writes signed states, rewrites each one's channel row to the channel's head as of batch
+/// `applied` (signed if the head is exactly the stored state; a head that moved on since is
+/// a newer, unsigned `seq`), and records the watermark: every channel row now shows at
+/// least the batches up to `watermark`.
+fn persist_states<'a>(
     tx: &rusqlite::Transaction<'_>,
     signed: &SignedHeads,
-    channels: &HashMap<PublicKey, ChannelEntry>,
+    entry_of: impl Fn(&PublicKey) -> Option<&'a ChannelEntry>,
+    applied: u64,
+    watermark: u64,
 ) -> Result<(), StoreError> {
     if signed.is_empty() {
         return Ok(());
@@ -1012,26 +1092,185 @@ fn persist_states(
         "INSERT INTO channel_states (channel_id, seq, state) VALUES (?1, ?2, ?3)",
     )?;
     let mut upd = tx.prepare_cached(
-        "UPDATE channels SET head_signed = 1 WHERE rowid = ?1 AND channel_id = ?2 AND seq = ?3
-            AND status = ?4 AND accrued_msat = ?5 AND accrued_rem_nsat = ?6 AND settled_msat = ?7",
+        "UPDATE channels SET status = ?3, seq = ?4, accrued_msat = ?5, accrued_rem_nsat = ?6,
+            settled_msat = ?7, last_settlement_hash = ?8, head_signed = ?9, applied_batch_seq = ?10
+         WHERE rowid = ?1 AND channel_id = ?2",
     )?;
+    let applied = store::u64_to_column(applied, "applied_batch_seq")?;
     for (key, s) in signed {
         let m = &s.message;
-        let seq = store::u64_to_column(m.seq, "seq")?;
-        ins.execute(params![&m.channel_id.0[..], seq, s.encode()])?;
-        let Some(rowid) = channels.get(key).map(|e| e.rowid) else { continue };
-        let (am, ar) = store::nsat_to_columns(m.accrued_nsat)?;
-        upd.execute(params![
-            rowid,
-            &m.channel_id.0[..],
-            seq,
-            status_to_column(m.status),
+        ins.execute(params![&m.channel_id.0[..], store::u64_to_column(m.seq, "seq")?, s.encode()])?;
+        let Some(entry) = entry_of(key) else {
+            return Err(StoreError::Corrupt(format!("signed state of unknown channel {key}")));
+        };
+        let h = entry.payer.head();
+        if h.channel_id != m.channel_id {
+            return Err(StoreError::Corrupt(format!("signed state of another channel of {key}")));
+        }
+        let (am, ar) = store::nsat_to_columns(h.accrued_nsat)?;
+        let changed = upd.execute(params![
+            entry.rowid,
+            &h.channel_id.0[..],
+            status_to_column(h.status),
+            store::u64_to_column(h.seq, "seq")?,
             am,
             ar,
-            store::msat_to_column(m.settled_msat)?
+            store::msat_to_column(h.settled_msat)?,
+            &h.last_settlement_hash[..],
+            i64::from(h == m),
+            applied,
         ])?;
+        if changed != 1 {
+            return Err(StoreError::Corrupt(format!("channel row {} is missing", entry.rowid)));
+        }
     }
+    store::meta_set(tx, APPLIED_THROUGH, &watermark.to_be_bytes())?;
     Ok(())
+}
+
+/// `meta` key of the watermark: every channel row shows every batch up to it.
+const APPLIED_THROUGH: &str = "accruals_applied_through";
+
+/// Bytes of one entry of a batch's `accruals`: channel id, then nsat as u128 big-endian.
+const ACCRUAL_ENTRY: usize = 32 + 16;
+
+/// A batch's per-channel accruals in their stored form (entries sorted by channel id).
+fn encode_accruals(accruals: &[(ChannelId, Nsat)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(accruals.len() * ACCRUAL_ENTRY);
+    for (id, amount) in accruals {
+        out.extend_from_slice(&id.0);
+        out.extend_from_slice(&amount.0.to_be_bytes());
+    }
+    out
+}
+
+/// Reads a batch's `accruals`.
+pub fn decode_accruals(bytes: &[u8]) -> Result<Vec<(ChannelId, Nsat)>, StoreError> {
+    if bytes.len() % ACCRUAL_ENTRY != 0 {
+        return Err(StoreError::Corrupt("batch accruals: truncated entry".into()));
+    }
+    Ok(bytes
+        .chunks_exact(ACCRUAL_ENTRY)
+        .map(|c| {
+            let mut id = [0u8; 32];
+            id.copy_from_slice(&c[..32]);
+            let mut amount = [0u8; 16];
+            amount.copy_from_slice(&c[32..]);
+            (ChannelId(id), Nsat(u128::from_be_bytes(amount)))
+        })
+        .collect())
+}
+
+/// A channel as it stands now: its row plus the accruals the row does not show yet.
+pub struct CurrentChannel {
+    /// Contributor.
+    pub contributor_key: PublicKey,
+    /// Channel nonce.
+    pub nonce: [u8; 32],
+    /// Current head.
+    pub head: ChannelState,
+    /// Whether the head is signed (a signed state with exactly this content is stored).
+    pub head_signed: bool,
+}
+
+/// The channels selected by `filter` (an SQL suffix over `channels`: `WHERE …`,
+/// `ORDER BY …`), each as it stands now.
+pub fn read_channels<P: rusqlite::Params>(
+    conn: &Connection,
+    filter: &str,
+    params: P,
+    network: Network,
+    provider_key: PublicKey,
+) -> Result<Vec<CurrentChannel>, StoreError> {
+    let rows = conn
+        .prepare_cached(&format!("SELECT {CHANNEL_COLUMNS} FROM channels {filter}"))?
+        .query_map(params, ChannelRow::from_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let unapplied = Unapplied::read(conn)?;
+    rows.iter()
+        .map(|row| {
+            let (contributor_key, nonce, payer) = unapplied.apply(row, network, provider_key)?;
+            Ok(CurrentChannel {
+                contributor_key,
+                nonce,
+                head: *payer.head(),
+                head_signed: !payer.needs_signature(),
+            })
+        })
+        .collect()
+}
+
+/// The accruals that channel rows may not show yet: those of every batch after the
+/// watermark, per channel, in batch order. A row plus its unapplied accruals is the
+/// channel's current head (what the writer holds in memory).
+pub struct Unapplied {
+    by_channel: HashMap<ChannelId, Vec<(u64, Nsat)>>,
+}
+
+impl Unapplied {
+    /// Reads the batches after the watermark.
+    pub fn read(conn: &Connection) -> Result<Unapplied, StoreError> {
+        let watermark = match store::meta_get(conn, APPLIED_THROUGH)? {
+            None => 0,
+            Some(b) => u64::from_be_bytes(
+                b.as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt(format!("meta {APPLIED_THROUGH}")))?,
+            ),
+        };
+        let mut stmt = conn.prepare_cached(
+            "SELECT batch_seq, accruals FROM receipt_batches WHERE batch_seq > ?1 ORDER BY batch_seq",
+        )?;
+        let mut rows = stmt.query(params![store::u64_to_column(watermark, "watermark")?])?;
+        let mut by_channel: HashMap<ChannelId, Vec<(u64, Nsat)>> = HashMap::new();
+        while let Some(r) = rows.next()? {
+            let batch = store::u64_from_column(r.get(0)?, "batch_seq")?;
+            let bytes = r.get_ref(1)?.as_blob().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            for (id, amount) in decode_accruals(bytes)? {
+                by_channel.entry(id).or_default().push((batch, amount));
+            }
+        }
+        Ok(Unapplied { by_channel })
+    }
+
+    /// Number of channels with accruals after the watermark.
+    fn channels(&self) -> usize {
+        self.by_channel.len()
+    }
+
+    /// Whether a batch after the watermark accrued to `id`.
+    fn touches(&self, id: &ChannelId) -> bool {
+        self.by_channel.contains_key(id)
+    }
+
+    /// The first batch after `applied` that accrued to `id`, if any.
+    fn first_after(&self, id: &ChannelId, applied: u64) -> Option<u64> {
+        self.by_channel.get(id)?.iter().map(|(b, _)| *b).find(|b| *b > applied)
+    }
+
+    /// The channel's current head: its row, plus the accruals of batches after the row's
+    /// `applied_batch_seq`.
+    pub fn apply(
+        &self,
+        row: &ChannelRow,
+        network: Network,
+        provider_key: PublicKey,
+    ) -> Result<(PublicKey, [u8; 32], PayerChannel), StoreError> {
+        let (key, nonce, state) = row.head(network, provider_key)?;
+        let corrupt = |e: tribute_channels::channel::ChannelError| {
+            StoreError::Corrupt(format!("channel {key}: {e}"))
+        };
+        let mut payer = PayerChannel::restore(state, row.head_signed).map_err(corrupt)?;
+        for (batch, amount) in self.by_channel.get(&state.channel_id).into_iter().flatten() {
+            if *batch > row.applied_batch_seq {
+                payer = payer.accrue(*amount).map_err(corrupt)?;
+            }
+        }
+        Ok((key, nonce, payer))
+    }
 }
 
 /// A channel's first row; returns its rowid.
@@ -1045,8 +1284,8 @@ fn insert_channel(
     let (am, ar) = store::nsat_to_columns(h.accrued_nsat)?;
     tx.prepare_cached(
         "INSERT INTO channels (channel_id, contributor_key, nonce, status, seq, accrued_msat, accrued_rem_nsat,
-            settled_msat, last_settlement_hash, head_signed, opened_batch_seq)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            settled_msat, last_settlement_hash, head_signed, opened_batch_seq, applied_batch_seq)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)",
     )?
     .execute(params![
         &h.channel_id.0[..],
@@ -1062,33 +1301,6 @@ fn insert_channel(
         store::u64_to_column(batch_seq, "batch_seq")?,
     ])?;
     Ok(tx.last_insert_rowid())
-}
-
-/// Moves a channel row to the entry's head after an accrual, by rowid (checked against the
-/// channel id). An accrual changes only `seq`, the accrued amount and whether the head is
-/// signed; leaving `status` alone also spares SQLite the partial index on active channels.
-const UPDATE_CHANNEL: &str =
-    "UPDATE channels SET seq = ?2, accrued_msat = ?3, accrued_rem_nsat = ?4,
-    head_signed = ?5 WHERE rowid = ?1 AND channel_id = ?6";
-
-fn update_channel(
-    upd: &mut rusqlite::CachedStatement<'_>,
-    entry: &ChannelEntry,
-) -> Result<(), StoreError> {
-    let h = entry.payer.head();
-    let (am, ar) = store::nsat_to_columns(h.accrued_nsat)?;
-    let changed = upd.execute(params![
-        entry.rowid,
-        store::u64_to_column(h.seq, "seq")?,
-        am,
-        ar,
-        i64::from(!entry.payer.needs_signature()),
-        &h.channel_id.0[..],
-    ])?;
-    if changed != 1 {
-        return Err(StoreError::Corrupt(format!("channel row {} is missing", entry.rowid)));
-    }
-    Ok(())
 }
 
 /// The column value of a status.
@@ -1149,10 +1361,18 @@ pub struct ChannelRow {
     pub last_settlement_hash: Vec<u8>,
     /// Whether the head is signed.
     pub head_signed: bool,
+    /// The last batch the row shows.
+    pub applied_batch_seq: u64,
 }
 
+/// The columns [`ChannelRow::from_row`] reads, in order.
+pub const CHANNEL_COLUMNS: &str = "contributor_key, nonce, status, seq, accrued_msat, \
+    accrued_rem_nsat, settled_msat, last_settlement_hash, head_signed, applied_batch_seq";
+/// How many columns [`CHANNEL_COLUMNS`] names.
+pub const CHANNEL_COLUMN_COUNT: usize = 10;
+
 impl ChannelRow {
-    /// Reads the row (columns in the order of the SELECTs above).
+    /// Reads the row (columns in the order of [`CHANNEL_COLUMNS`]).
     pub fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
         Ok(ChannelRow {
             contributor_key: r.get(0)?,
@@ -1164,6 +1384,8 @@ impl ChannelRow {
             settled_msat: r.get(6)?,
             last_settlement_hash: r.get(7)?,
             head_signed: r.get::<_, i64>(8)? != 0,
+            applied_batch_seq: u64::try_from(r.get::<_, i64>(9)?)
+                .map_err(|_| rusqlite::Error::IntegralValueOutOfRange(9, -1))?,
         })
     }
 
@@ -1194,18 +1416,6 @@ impl ChannelRow {
             status: status_from_column(self.status)?,
         };
         Ok((key, nonce, state))
-    }
-
-    fn restore(
-        &self,
-        network: Network,
-        provider_key: PublicKey,
-        rowid: i64,
-    ) -> Result<(PublicKey, ChannelEntry, bool), StoreError> {
-        let (key, nonce, state) = self.head(network, provider_key)?;
-        let payer = PayerChannel::restore(state, self.head_signed)
-            .map_err(|e| StoreError::Corrupt(format!("channel {key}: {e}")))?;
-        Ok((key, ChannelEntry { nonce, payer, rowid, signed_at: None }, self.head_signed))
     }
 }
 

@@ -16,6 +16,7 @@ use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
+use tribute_channels::{Network, PublicKey};
 
 /// Label of a metering outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,25 +105,25 @@ impl Metrics {
         self.meter_requests.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
-    /// Refreshes the balance series from the database.
-    pub fn refresh_balances(&self, conn: &rusqlite::Connection) -> Result<(), store::StoreError> {
-        let mut stmt = conn.prepare_cached(
-            "SELECT contributor_key, accrued_msat, settled_msat FROM channels WHERE status != 2",
-        )?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
+    /// Refreshes the balance series from the database (channel rows plus the accruals
+    /// they do not show yet: the same figures as `GetChannel`).
+    pub fn refresh_balances(
+        &self,
+        conn: &rusqlite::Connection,
+        network: Network,
+        provider_key: PublicKey,
+    ) -> Result<(), store::StoreError> {
+        let channels =
+            crate::ledger::read_channels(conn, "WHERE status != 2", [], network, provider_key)?;
         self.channel_accrued_msat.clear();
         self.channel_outstanding_msat.clear();
-        self.channels.set(rows.len() as i64);
-        for (key, accrued, settled) in rows {
-            let label = ChannelLabel { contributor: hex::encode(key) };
-            self.channel_accrued_msat.get_or_create(&label).set(accrued);
-            self.channel_outstanding_msat
-                .get_or_create(&label)
-                .set(accrued.saturating_sub(settled));
+        self.channels.set(channels.len() as i64);
+        for c in channels {
+            let label = ChannelLabel { contributor: hex::encode(c.contributor_key.to_bytes()) };
+            let accrued = c.head.accrued_nsat.0 / 1_000_000;
+            let outstanding = accrued.saturating_sub(u128::from(c.head.settled_msat.0));
+            self.channel_accrued_msat.get_or_create(&label).set(gauge(accrued));
+            self.channel_outstanding_msat.get_or_create(&label).set(gauge(outstanding));
         }
         Ok(())
     }
@@ -142,6 +143,8 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     reader: SharedConn,
+    network: Network,
+    provider_key: PublicKey,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
@@ -152,9 +155,10 @@ pub async fn serve(
             let (metrics, reader) = (metrics.clone(), reader.clone());
             async move {
                 let m = metrics.clone();
-                let refreshed =
-                    tokio::task::spawn_blocking(move || m.refresh_balances(&store::lock(&reader)))
-                        .await;
+                let refreshed = tokio::task::spawn_blocking(move || {
+                    m.refresh_balances(&store::lock(&reader), network, provider_key)
+                })
+                .await;
                 if let Ok(Err(e)) = refreshed {
                     tracing::warn!("metrics: balances not refreshed: {e}");
                 }
@@ -174,4 +178,9 @@ pub async fn serve(
         }
     });
     Ok((bound, task))
+}
+
+/// A gauge value (i64) of an msat amount, saturating.
+fn gauge(msat: u128) -> i64 {
+    i64::try_from(msat).unwrap_or(i64::MAX)
 }

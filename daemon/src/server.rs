@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::grpc::{ChannelsService, MeteringService, ReceiptsService, RegistryService};
 use crate::hub::Hub;
 use crate::keys;
-use crate::ledger::{Ledger, LedgerConfig};
+use crate::ledger::{Ledger, LedgerConfig, LedgerHandle};
 use crate::metrics::{self, Metrics};
 use crate::registry::Registry;
 use crate::store::{self, StoreError};
@@ -81,6 +81,8 @@ pub struct RunningDaemon {
     pub metrics: Arc<Metrics>,
     /// The token store (for tests and the admin surface).
     pub tokens: Arc<TokenStore>,
+    /// Dropped before waiting for the writer, which runs until every handle is gone.
+    ledger: LedgerHandle,
     shutdown: oneshot::Sender<()>,
     task: JoinHandle<Result<(), DaemonError>>,
 }
@@ -88,18 +90,28 @@ pub struct RunningDaemon {
 impl RunningDaemon {
     /// Stops gracefully and waits until everything accepted is committed.
     pub async fn shutdown(self) -> Result<(), DaemonError> {
-        let _ = self.shutdown.send(());
-        self.task.await.map_err(|e| DaemonError::Io(std::io::Error::other(e)))?
+        let (stop, task) = self.into_stopper();
+        let _ = stop.send(());
+        task.await.map_err(|e| DaemonError::Io(std::io::Error::other(e)))?
     }
 
     /// Waits until the daemon stops by itself (it only does on error).
     pub async fn wait(self) -> Result<(), DaemonError> {
-        self.task.await.map_err(|e| DaemonError::Io(std::io::Error::other(e)))?
+        let (_stop, task) = self.into_stopper();
+        task.await.map_err(|e| DaemonError::Io(std::io::Error::other(e)))?
     }
 
     /// Asks the daemon to stop without waiting.
     pub fn into_stopper(self) -> (oneshot::Sender<()>, JoinHandle<Result<(), DaemonError>>) {
+        drop(self.ledger);
         (self.shutdown, self.task)
+    }
+
+    /// Signs, stores and publishes every channel head that changed since its last signed
+    /// state now, instead of at the next signing round (as shutdown does). Returns when
+    /// they are durable.
+    pub async fn flush(&self) {
+        self.ledger.flush().await;
     }
 }
 
@@ -180,6 +192,7 @@ pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
     let max = config.meter.max_message_bytes;
     let hard_max = max.saturating_mul(crate::grpc::HARD_LIMIT_FACTOR);
     let handle = ledger.handle();
+    let ledger_handle = ledger.handle();
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<MeteringServer<MeteringService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -243,11 +256,17 @@ pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
     let metrics_addr = match config.metrics_listen {
         Some(addr) => {
             let mut stopped = stop_all.subscribe();
-            let (bound, _task) =
-                metrics::serve(addr, metrics.clone(), reader.clone(), async move {
+            let (bound, _task) = metrics::serve(
+                addr,
+                metrics.clone(),
+                reader.clone(),
+                config.network,
+                provider_key,
+                async move {
                     let _ = stopped.recv().await;
-                })
-                .await?;
+                },
+            )
+            .await?;
             Some(bound)
         }
         None => None,
@@ -279,5 +298,14 @@ pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
         tracing::info!("tributed stopped");
         served.map_err(DaemonError::from)
     });
-    Ok(RunningDaemon { grpc_addr, metrics_addr, provider_key, metrics, tokens, shutdown, task })
+    Ok(RunningDaemon {
+        grpc_addr,
+        metrics_addr,
+        provider_key,
+        metrics,
+        tokens,
+        ledger: ledger_handle,
+        shutdown,
+        task,
+    })
 }

@@ -266,6 +266,71 @@ async fn restart_keeps_balances_states_and_receipts() {
     check_receipt(&d, "a-3").await;
 }
 
+/// A crash leaves the database as of some commit, where channel rows may lag their heads
+/// (a row is rewritten only with one of its signed states). A snapshot taken between commits
+/// (`VACUUM INTO`, with signing far off) is such a database. A daemon started on it replays
+/// the batches after the watermark: every channel's balance is what the events say, `seq`
+/// goes on from the last signed state, and a payee that followed the first daemon accepts
+/// the second one's states.
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_image_replays_accruals_the_rows_do_not_show() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (first_dir, second_dir) = (dir.path().join("first"), dir.path().join("second"));
+    let mut config = test_config(&first_dir);
+    config.meter.stream_interval_ms = 600_000;
+    let d = TestDaemon::start_with(config).await;
+    setup_model(&d, MODEL, &OWNERS, 500_000).await;
+    let mut meter = d.metering(Some(&d.provider_token)).await;
+    for i in 0..20 {
+        meter.meter(usage_request(&format!("c-{i}"), MODEL, i, i)).await.expect("meter");
+    }
+    d.running().flush().await;
+    let mut rx = subscribe(&d, 12).await;
+    let signed_accrued: u128 = channel_of(&d, 12).await.accrued_nsat.parse().expect("n");
+    let mut seen = Seen { payee: None, micropayments_nsat: 0, payments: 0 };
+    follow(&d, 12, &mut rx, &mut seen, signed_accrued).await;
+    let seq_before = seen.payee.as_ref().and_then(|p| p.latest()).expect("state").message.seq;
+    // More accruals, none signed (the next round is minutes away): the rows lag behind.
+    for i in 20..45 {
+        meter.meter(usage_request(&format!("c-{i}"), MODEL, i, 3 * i)).await.expect("meter");
+    }
+    let live: u128 = channel_of(&d, 12).await.accrued_nsat.parse().expect("n");
+    assert!(live > signed_accrued);
+
+    std::fs::create_dir_all(&second_dir).expect("dir");
+    for f in std::fs::read_dir(&first_dir).expect("list") {
+        let f = f.expect("entry").path();
+        if f.extension().is_some_and(|e| e == "key" || e == "secret") {
+            std::fs::copy(&f, second_dir.join(f.file_name().expect("name"))).expect("copy");
+        }
+    }
+    let image = tribute_daemon::server::database_path(&second_dir);
+    rusqlite::Connection::open(d.db_path())
+        .expect("open")
+        .execute("VACUUM INTO ?1", [image.to_str().expect("utf-8 path")])
+        .expect("snapshot");
+    assert!(
+        db_total_accrued(&image) < db_total_pools(&image),
+        "the image must have channel rows behind their heads, or this test shows nothing"
+    );
+
+    let second = TestDaemon::start(&second_dir).await;
+    assert_eq!(channel_of(&second, 12).await.accrued_nsat, live.to_string());
+    let mut list = second.channels(Some(&second.operator_token)).await;
+    let channels = list.list_channels(pb::ListChannelsRequest {}).await.expect("list").into_inner();
+    let total: u128 =
+        channels.channels.iter().map(|c| c.accrued_nsat.parse::<u128>().expect("n")).sum();
+    assert_eq!(total, db_total_pools(&image));
+    // The replayed heads are signed; the payee of the first daemon takes the new state.
+    second.running().flush().await;
+    let mut rx = subscribe(&second, 12).await;
+    follow(&second, 12, &mut rx, &mut seen, live).await;
+    assert!(seen.payee.as_ref().and_then(|p| p.latest()).expect("state").message.seq > seq_before);
+    // And the rows caught up: the database alone now says Σ accrued == Σ pools.
+    assert_eq!(db_total_accrued(&image), db_total_pools(&image));
+    check_receipt(&second, "c-30").await;
+}
+
 async fn check_receipt(d: &TestDaemon, id: &str) -> Receipt {
     let mut r = d.receipts(Some(&d.accountant_token)).await;
     let proof = r
@@ -350,6 +415,8 @@ async fn bad_input_is_refused_with_code_and_reason_and_changes_nothing() {
     meter.meter(usage_request("ok-1", MODEL, 1, 1)).await.expect("a good one first");
 
     let contributor_token = d.token_for(Role::Contributor, Some(pubkey(11))).await;
+    // Nothing left for the writer to do on its own: the next write would be a call's.
+    d.running().flush().await;
     let fingerprint = db_fingerprint(&d.db_path());
     let mut prov = d.registry(Some(&d.provider_token)).await;
     let mut cases: Vec<(&str, tonic::Status, Code, ErrorReason)> = Vec::new();

@@ -4,7 +4,7 @@ use super::{blocking, optional_key};
 use crate::auth::{authorize, channel_subject, policy, require_own_channel};
 use crate::error::ApiError;
 use crate::hub::{Hub, HubEvent};
-use crate::ledger::{latest_signed_state, ChannelRow};
+use crate::ledger::{latest_signed_state, read_channels, CurrentChannel};
 use crate::store::{self, SharedConn, StoreError};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -58,23 +58,14 @@ fn status_name(s: ChannelStatus) -> &'static str {
     }
 }
 
-const CHANNEL_COLUMNS: &str =
-    "contributor_key, nonce, status, seq, accrued_msat, accrued_rem_nsat, settled_msat,
-     last_settlement_hash, head_signed, channel_id";
-
-fn channel_pb(
-    conn: &rusqlite::Connection,
-    row: &ChannelRow,
-    network: Network,
-    provider: PublicKey,
-) -> Result<pb::Channel, StoreError> {
-    let (key, nonce, head) = row.head(network, provider)?;
+fn channel_pb(conn: &rusqlite::Connection, c: &CurrentChannel) -> Result<pb::Channel, StoreError> {
+    let head = &c.head;
     let latest = latest_signed_state(conn, &head.channel_id)?;
     let outstanding = head.outstanding_nsat().map_err(|e| StoreError::Corrupt(e.to_string()))?;
     Ok(pb::Channel {
         channel_id: head.channel_id.0.to_vec(),
-        contributor_key: key.to_bytes().to_vec(),
-        nonce: nonce.to_vec(),
+        contributor_key: c.contributor_key.to_bytes().to_vec(),
+        nonce: c.nonce.to_vec(),
         status: status_name(head.status).to_owned(),
         accrued_nsat: head.accrued_nsat.0.to_string(),
         settled_msat: head.settled_msat.0,
@@ -185,22 +176,21 @@ impl Channels for ChannelsService {
         };
         let channel = blocking(move || {
             let conn = store::lock(&reader);
-            let row = match (by_id, key) {
-                (Some(id), _) => conn
-                    .query_row(&format!("SELECT {CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?1"), [&id.0[..]], ChannelRow::from_row),
-                (None, Some(k)) => conn.query_row(
-                    &format!("SELECT {CHANNEL_COLUMNS} FROM channels WHERE contributor_key = ?1 ORDER BY status = 0 DESC, opened_batch_seq DESC LIMIT 1"),
+            let found = match (by_id, key) {
+                (Some(id), _) => read_channels(&conn, "WHERE channel_id = ?1", [&id.0[..]], network, provider),
+                (None, Some(k)) => read_channels(
+                    &conn,
+                    "WHERE contributor_key = ?1 ORDER BY status = 0 DESC, opened_batch_seq DESC LIMIT 1",
                     [&k.to_bytes()[..]],
-                    ChannelRow::from_row,
+                    network,
+                    provider,
                 ),
                 (None, None) => return Err(ApiError::malformed("contributor_key", "required")),
-            };
-            let row = match row {
-                Ok(row) => row,
-                Err(rusqlite::Error::QueryReturnedNoRows) => return Err(unknown_channel()),
-                Err(e) => return Err(ApiError::storage(e)),
-            };
-            Ok(channel_pb(&conn, &row, network, provider)?)
+            }?;
+            match found.first() {
+                Some(c) => Ok(channel_pb(&conn, c)?),
+                None => Err(unknown_channel()),
+            }
         })
         .await?;
         // A contributor may look a channel up by id only if it is its own.
@@ -217,11 +207,17 @@ impl Channels for ChannelsService {
         let (network, provider, reader) = (self.network, self.provider_key, self.reader.clone());
         let channels = blocking(move || {
             let conn = store::lock(&reader);
-            let mut stmt = conn
-                .prepare(&format!("SELECT {CHANNEL_COLUMNS} FROM channels ORDER BY contributor_key, opened_batch_seq"))
-                .map_err(ApiError::storage)?;
-            let rows = stmt.query_map([], ChannelRow::from_row).map_err(ApiError::storage)?.collect::<Result<Vec<_>, _>>().map_err(ApiError::storage)?;
-            rows.iter().map(|r| channel_pb(&conn, r, network, provider).map_err(ApiError::from)).collect::<Result<Vec<_>, _>>()
+            let channels = read_channels(
+                &conn,
+                "ORDER BY contributor_key, opened_batch_seq",
+                [],
+                network,
+                provider,
+            )?;
+            channels
+                .iter()
+                .map(|c| channel_pb(&conn, c).map_err(ApiError::from))
+                .collect::<Result<Vec<_>, _>>()
         })
         .await?;
         Ok(Response::new(pb::ListChannelsResponse { channels }))

@@ -53,7 +53,12 @@ CREATE TABLE training_runs (
     UNIQUE (model_id, attribution_version)
 ) STRICT;
 
--- One row per channel; the head is the latest state (signed when `head_signed` = 1).
+-- One row per channel. A row is written when the channel opens and whenever one of its
+-- signed states is stored, not on every batch: it shows the head as of batch
+-- `applied_batch_seq` (signed when `head_signed` = 1). Accruals of later batches are in
+-- those batches' `receipt_batches.accruals`; the current head is the row plus them (see
+-- `ledger::Unapplied`). Every channel's row covers at least the batches up to the
+-- watermark in `meta` (`accruals_applied_through`), so only batches after it are read.
 CREATE TABLE channels (
     channel_id           BLOB PRIMARY KEY,
     contributor_key      BLOB NOT NULL,
@@ -65,7 +70,8 @@ CREATE TABLE channels (
     settled_msat         INTEGER NOT NULL,
     last_settlement_hash BLOB NOT NULL,
     head_signed          INTEGER NOT NULL,
-    opened_batch_seq     INTEGER NOT NULL
+    opened_batch_seq     INTEGER NOT NULL,
+    applied_batch_seq    INTEGER NOT NULL
 ) STRICT;
 CREATE UNIQUE INDEX channels_active_per_contributor ON channels(contributor_key) WHERE status = 0;
 
@@ -79,7 +85,7 @@ CREATE TABLE channel_states (
 
 -- The metering log: one row per accepted request, keyed by an increasing sequence, so
 -- inserts append. The split is deterministic, so its inputs are what is stored; the
--- per-channel effect of each batch is in `batch_accruals`. There is deliberately no index
+-- per-channel effect of each batch is in `receipt_batches.accruals`. There is deliberately no index
 -- on request_id: idempotency is checked in memory against a map rebuilt from this log.
 CREATE TABLE meter_events (
     seq                 INTEGER PRIMARY KEY,
@@ -95,25 +101,19 @@ CREATE TABLE meter_events (
     created_at          INTEGER NOT NULL
 ) STRICT;
 
--- One row per committed batch: the provider-signed Merkle root over its receipts, and the
--- leaves themselves so inclusion proofs need no recomputation.
+-- One row per committed batch: the provider-signed Merkle root over its receipts, the
+-- leaves themselves so inclusion proofs need no recomputation, and what the batch added to
+-- each channel (`accruals`: entries of channel id (32 bytes) and amount in nsat (u128,
+-- big-endian), sorted by channel id; Σ over batches == a channel's accrued).
 CREATE TABLE receipt_batches (
     batch_seq     INTEGER PRIMARY KEY,
     receipt_count INTEGER NOT NULL,
     merkle_root   BLOB NOT NULL,
     signed_root   BLOB NOT NULL,
     leaves        BLOB NOT NULL,
+    accruals      BLOB NOT NULL,
     created_at    INTEGER NOT NULL
 ) STRICT;
-
--- What each batch added to each channel (Σ over batches == channel accrued).
-CREATE TABLE batch_accruals (
-    batch_seq     INTEGER NOT NULL,
-    channel_id    BLOB NOT NULL,
-    amount_msat   INTEGER NOT NULL,
-    amount_rem_nsat INTEGER NOT NULL,
-    PRIMARY KEY (batch_seq, channel_id)
-) STRICT, WITHOUT ROWID;
 
 -- Bearer tokens, stored as SHA-256 of the secret.
 CREATE TABLE tokens (
