@@ -1,4 +1,21 @@
-//! The client side of Tribute: the provider SDK, the contributor receiving node and the
-//! `tribute` command-line tool.
+//! The client side of Tribute: the provider SDK ([`provider::Provider`]), what a
+//! contributor does against the daemon ([`contributor`]), dataset manifests
+//! ([`manifest`]), the contributor key ([`keys`]) and the `tribute` command-line tool's
+//! configuration ([`config`]).
+
+#![deny(missing_docs)]
 
 pub use tribute_channels as channels;
+
+pub mod config;
+pub mod connect;
+pub mod contributor;
+pub mod error;
+pub mod keys;
+pub mod manifest;
+pub mod provider;
+pub mod time;
+
+pub use connect::DaemonEndpoint;
+pub use error::{ClientError, RpcError};
+pub use provider::{Meter, Metered, Price, Provider, ProviderConfig, RetryPolicy};

@@ -1,5 +1,402 @@
-//! `tribute` entry point.
+//! `tribute`: the command-line tool for contributors and providers.
 
-fn main() {
-    println!("tribute {}", env!("CARGO_PKG_VERSION"));
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tribute_channels::licence::{Use, Uses};
+use tribute_channels::{DatasetHash, Timestamp};
+use tribute_client::config::{CliConfig, GlobalArgs};
+use tribute_client::contributor::{Contributor, LicenceStatus};
+use tribute_client::keys::{prepare_private_dir, ContributorKey};
+use tribute_client::manifest::{Manifest, Progress};
+use tribute_client::time::{parse_time, unix_now};
+use tribute_client::{ClientError, Meter, Provider};
+
+const ABOUT: &str =
+    "Tribute: contributors license datasets and check they are paid; providers meter inference.";
+
+const EXAMPLES: &str = "\
+Examples:
+  tribute contributor init
+  tribute contributor register --node-id 02ab…(66 hex)
+  tribute contributor register-dataset ./my-corpus --licence CC-BY-4.0 --uses training,retrieval
+  tribute contributor revoke ./my-corpus
+  TRIBUTE_CLI_TOKEN=trb_… tribute provider meter --model llm-a --request-id req-1 --input-tokens 900 --output-tokens 120
+
+Configuration: --config FILE (TOML, see client/example.config.toml) < TRIBUTE_CLI_* environment < flags.";
+
+#[derive(Parser)]
+#[command(name = "tribute", version, about = ABOUT, after_help = EXAMPLES)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// What a data contributor does: keys, dataset licences.
+    #[command(subcommand)]
+    Contributor(ContributorCommand),
+    /// What an inference provider does: meter requests, register models and training runs.
+    #[command(subcommand)]
+    Provider(ProviderCommand),
+}
+
+#[derive(Subcommand)]
+enum ContributorCommand {
+    /// Create the contributor directory (mode 0700) and key (mode 0600).
+    #[command(after_help = "Example:\n  tribute --home ~/.tribute contributor init")]
+    Init,
+    /// Print the contributor key and where things are kept.
+    Show,
+    /// Hash a dataset directory: print its dataset hash, optionally write its manifest.
+    #[command(
+        after_help = "Example:\n  tribute contributor manifest ./my-corpus --output my-corpus.manifest\n\nThe format is in docs/MANIFEST.md."
+    )]
+    Manifest {
+        /// The dataset directory.
+        dir: PathBuf,
+        /// Write the manifest here (refuses to overwrite).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Register where payouts go (signed by the contributor key).
+    Register {
+        /// Lightning node id for keysend payouts (66 hex digits).
+        #[arg(long, value_name = "HEX")]
+        node_id: Option<String>,
+        /// BOLT12 offer (lno1…) for offer payouts.
+        #[arg(long, value_name = "OFFER")]
+        offer: Option<String>,
+    },
+    /// License a dataset: hash it (or read its manifest), sign the licence, register it.
+    #[command(
+        after_help = "Examples:\n  tribute contributor register-dataset ./my-corpus --licence CC-BY-4.0 --uses training\n  tribute contributor register-dataset my-corpus.manifest --licence MIT --uses training,retrieval --not-after 2027-01-01"
+    )]
+    RegisterDataset(RegisterDataset),
+    /// Revoke a licence of a dataset (by directory, manifest file or dataset hash).
+    #[command(after_help = "Example:\n  tribute contributor revoke 3f2a…(64 hex) --at 2026-12-31")]
+    Revoke {
+        /// Dataset directory, manifest file, or dataset hash (64 hex digits).
+        dataset: String,
+        /// Which licence, when the dataset has several unrevoked ones.
+        #[arg(long, value_name = "HEX")]
+        licence_id: Option<String>,
+        /// From when (default now): now, Unix seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ.
+        #[arg(long, default_value = "now")]
+        at: String,
+    },
+    /// List this contributor's licences as the daemon has them.
+    Licences,
+}
+
+#[derive(Args)]
+struct RegisterDataset {
+    /// Dataset directory, or a manifest file written by `tribute contributor manifest`.
+    path: PathBuf,
+    /// SPDX licence expression, e.g. CC-BY-4.0.
+    #[arg(long, value_name = "SPDX")]
+    licence: String,
+    /// Permitted uses: training, retrieval (comma-separated).
+    #[arg(long, value_delimiter = ',', required = true)]
+    uses: Vec<UseArg>,
+    /// Start of validity (default now).
+    #[arg(long, default_value = "now")]
+    not_before: String,
+    /// End of validity (default: none).
+    #[arg(long)]
+    not_after: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum UseArg {
+    Training,
+    Retrieval,
+}
+
+#[derive(Subcommand)]
+enum ProviderCommand {
+    /// Meter one inference request (retried with the same id on transient failures).
+    #[command(
+        after_help = "Examples:\n  tribute provider meter --model llm-a --request-id req-1 --input-tokens 900 --output-tokens 120\n  tribute provider meter --model llm-a --request-id req-2 --price-nsat 5000000"
+    )]
+    Meter {
+        /// The model.
+        #[arg(long)]
+        model: String,
+        /// The request id (idempotency key).
+        #[arg(long)]
+        request_id: String,
+        /// Input tokens (priced by the model's tariff).
+        #[arg(long, conflicts_with = "price_nsat")]
+        input_tokens: Option<u64>,
+        /// Output tokens.
+        #[arg(long, conflicts_with = "price_nsat")]
+        output_tokens: Option<u64>,
+        /// An explicit price in nanosatoshi.
+        #[arg(long)]
+        price_nsat: Option<u64>,
+    },
+}
+
+/// Shows a progress bar on a terminal for datasets of at least this many bytes.
+const PROGRESS_MIN_BYTES: u64 = 32 << 20;
+
+struct Bar(Option<ProgressBar>);
+
+impl Progress for Bar {
+    fn scanned(&mut self, files: u64, bytes: u64) {
+        if bytes >= PROGRESS_MIN_BYTES || files >= 10_000 {
+            let bar = ProgressBar::with_draw_target(Some(bytes), ProgressDrawTarget::stderr());
+            if let Ok(style) = ProgressStyle::with_template(
+                "hashing {msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            ) {
+                bar.set_style(style);
+            }
+            bar.set_message(format!("{files} files"));
+            self.0 = Some(bar);
+        }
+    }
+    fn hashed(&mut self, bytes: u64) {
+        if let Some(b) = &self.0 {
+            b.inc(bytes);
+        }
+    }
+    fn finish(&mut self) {
+        if let Some(b) = self.0.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn hash_dataset(path: &Path) -> Result<(Manifest, DatasetHash), ClientError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
+    let manifest = if meta.is_dir() {
+        Manifest::build(path, &mut Bar(None))?
+    } else {
+        Manifest::read(path).map_err(|e| {
+            ClientError::Config(format!(
+                "{} is a file, so it was read as a manifest, and it is not one: {e}",
+                path.display()
+            ))
+        })?
+    };
+    let hash = manifest.dataset_hash();
+    Ok((manifest, hash))
+}
+
+fn dataset_arg(s: &str) -> Result<DatasetHash, ClientError> {
+    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) && !Path::new(s).exists() {
+        return DatasetHash::from_hex(&s.to_ascii_lowercase())
+            .map_err(|e| ClientError::Config(e.to_string()));
+    }
+    Ok(hash_dataset(Path::new(s))?.1)
+}
+
+fn time_arg(name: &str, s: &str, now: Timestamp) -> Result<Timestamp, ClientError> {
+    parse_time(s, now).map_err(|e| ClientError::Config(format!("--{name}: {e}")))
+}
+
+fn print_licence(l: &LicenceStatus) {
+    let mut uses = Vec::new();
+    if l.training {
+        uses.push("training");
+    }
+    if l.retrieval {
+        uses.push("retrieval");
+    }
+    println!("dataset_hash: {}", l.dataset_hash);
+    println!("licence_id:   {}", hex::encode(l.licence_id));
+    println!("licence:      {}", l.spdx_license_id);
+    println!("uses:         {}", uses.join(","));
+    println!("not_before:   {}", l.not_before.0);
+    if l.not_after != Timestamp::MAX {
+        println!("not_after:    {}", l.not_after.0);
+    }
+    match l.revoked_at {
+        Some(t) => println!("revoked_at:   {}", t.0),
+        None => println!("revoked_at:   -"),
+    }
+}
+
+async fn login(config: &CliConfig) -> Result<Contributor, ClientError> {
+    let key = ContributorKey::load(&config.key_path())?;
+    Contributor::login(&config.endpoint()?, key, config.network()?, config.pinned_provider_key()?)
+        .await
+}
+
+async fn contributor(config: &CliConfig, cmd: ContributorCommand) -> Result<(), ClientError> {
+    let now = unix_now();
+    match cmd {
+        ContributorCommand::Init => {
+            prepare_private_dir(&config.home)?;
+            let path = config.key_path();
+            match ContributorKey::load(&path) {
+                Ok(k) => {
+                    println!("already initialised: {}", path.display());
+                    println!("contributor_key: {}", k.public());
+                }
+                Err(tribute_client::keys::KeyError::Missing { .. }) => {
+                    let k = ContributorKey::create(&path)?;
+                    println!(
+                        "created {} (mode 0600): back it up, it is your identity",
+                        path.display()
+                    );
+                    println!("contributor_key: {}", k.public());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        ContributorCommand::Show => {
+            let k = ContributorKey::load(&config.key_path())?;
+            println!("contributor_key: {}", k.public());
+            println!("key_file:        {}", config.key_path().display());
+            println!("home:            {}", config.home.display());
+            println!("daemon:          {}", config.daemon);
+        }
+        ContributorCommand::Manifest { dir, output } => {
+            let (manifest, hash) = hash_dataset(&dir)?;
+            if let Some(out) = output {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&out)
+                    .map_err(|e| ClientError::Config(format!("{}: {e}", out.display())))?;
+                f.write_all(&manifest.to_bytes())
+                    .and_then(|()| f.sync_all())
+                    .map_err(|e| ClientError::Config(format!("{}: {e}", out.display())))?;
+                eprintln!("wrote {} ({} files)", out.display(), manifest.entries().len());
+            }
+            println!("{hash}");
+        }
+        ContributorCommand::Register { node_id, offer } => {
+            let node_id = node_id
+                .map(|h| {
+                    let mut b = [0u8; 33];
+                    hex::decode_to_slice(h.trim(), &mut b)
+                        .map(|()| b)
+                        .map_err(|_| ClientError::Config("--node-id must be 66 hex digits".into()))
+                })
+                .transpose()?;
+            if node_id.is_none() && offer.is_none() {
+                return Err(ClientError::Config("give --node-id, --offer or both".into()));
+            }
+            let c = login(config).await?;
+            c.register(node_id, offer, now).await?;
+            println!("registered contributor {}", c.key().public());
+        }
+        ContributorCommand::RegisterDataset(a) => {
+            let not_before = time_arg("not-before", &a.not_before, now)?;
+            let not_after = match &a.not_after {
+                Some(s) => time_arg("not-after", s, now)?,
+                None => Timestamp::MAX,
+            };
+            let uses: Vec<Use> = a
+                .uses
+                .iter()
+                .map(|u| match u {
+                    UseArg::Training => Use::Training,
+                    UseArg::Retrieval => Use::Retrieval,
+                })
+                .collect();
+            // Hash first: a slow hash must not outlive a login session.
+            let (manifest, hash) = hash_dataset(&a.path)?;
+            eprintln!("dataset {hash} ({} files)", manifest.entries().len());
+            let c = login(config).await?;
+            let l = c
+                .register_licence(hash, &a.licence, Uses::of(&uses), not_before, not_after, now)
+                .await?;
+            print_licence(&l);
+        }
+        ContributorCommand::Revoke { dataset, licence_id, at } => {
+            let hash = dataset_arg(&dataset)?;
+            let licence_id = licence_id
+                .map(|h| {
+                    let mut b = [0u8; 32];
+                    hex::decode_to_slice(h.trim(), &mut b).map(|()| b).map_err(|_| {
+                        ClientError::Config("--licence-id must be 64 hex digits".into())
+                    })
+                })
+                .transpose()?;
+            let at = time_arg("at", &at, now)?;
+            let c = login(config).await?;
+            let l = c.revoke(hash, licence_id, at).await?;
+            print_licence(&l);
+        }
+        ContributorCommand::Licences => {
+            let c = login(config).await?;
+            let all = c.licences(None).await?;
+            if all.is_empty() {
+                println!("no licences");
+            }
+            for (i, l) in all.iter().enumerate() {
+                if i > 0 {
+                    println!();
+                }
+                print_licence(l);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn provider(config: &CliConfig, cmd: ProviderCommand) -> Result<(), ClientError> {
+    match cmd {
+        ProviderCommand::Meter { model, request_id, input_tokens, output_tokens, price_nsat } => {
+            let m = match (price_nsat, input_tokens, output_tokens) {
+                (Some(p), None, None) => Meter::priced(&request_id, &model, p)?,
+                (None, i, o) if i.is_some() || o.is_some() => {
+                    Meter::usage(&request_id, &model, i.unwrap_or(0), o.unwrap_or(0))?
+                }
+                _ => {
+                    return Err(ClientError::Config(
+                        "give --price-nsat, or --input-tokens/--output-tokens".into(),
+                    ))
+                }
+            };
+            let mut pc = config.provider_config()?;
+            pc.connections = 1;
+            let p = Provider::connect(pc).await?;
+            let r = p.meter(&m.with_shares()).await?;
+            println!("request_id:          {}", r.request_id);
+            println!("model:               {}", r.model_id);
+            println!("attribution_version: {}", r.attribution_version);
+            println!("price_nsat:          {}", r.price_nsat.0);
+            println!("pool_nsat:           {}", r.pool_nsat.0);
+            println!("batch:               {} leaf {}", r.batch_seq, r.leaf_index);
+            println!("replayed:            {}", r.replayed);
+            for (k, n) in &r.shares {
+                println!("share:               {k} {}", n.0);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let result = async {
+        let config = CliConfig::load(&cli.global)?;
+        match cli.command {
+            Command::Contributor(c) => contributor(&config, c).await,
+            Command::Provider(p) => provider(&config, p).await,
+        }
+    }
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
