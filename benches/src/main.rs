@@ -17,6 +17,11 @@ use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
+/// mimalloc: markedly cheaper than the system allocator for the many small, short-lived
+/// allocations of each gRPC call (measured in docs/PERFORMANCE.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Why the bench could not run (or found the daemon misbehaving).
 pub struct BenchError(String);
 
@@ -55,7 +60,9 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     client_workers: usize,
     /// HTTP/2 connections the callers of a phase share (caller k uses connection k mod n).
-    #[arg(long, default_value_t = 1)]
+    /// One connection under 64 concurrent calls stalls ~40 ms now and then (h2 flow
+    /// control); a client pool of a few connections is what the provider SDK uses.
+    #[arg(long, default_value_t = 4)]
     connections: usize,
     /// Concurrent MeterStream calls.
     #[arg(long, default_value_t = 1)]

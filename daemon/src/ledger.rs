@@ -34,6 +34,7 @@
 use crate::error::ApiError;
 use crate::hub::{Hub, HubEvent};
 use crate::meter::{decode_attribution, Prepared};
+use crate::metrics::Metrics;
 use crate::registry::{fresh_aux, Registry, Snapshot};
 use crate::store::{self, StoreError};
 use ldk_node::bitcoin::secp256k1::Keypair;
@@ -391,6 +392,7 @@ struct Writer {
     next_batch_seq: u64,
     hub: Arc<Hub>,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     /// `None` once the signer thread is gone (then the writer signs itself).
     signer: Option<Signer>,
     signed_rx: mpsc::Receiver<SignedHeads>,
@@ -412,6 +414,7 @@ impl Ledger {
         provider: Keypair,
         registry: Arc<Registry>,
         hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
         config: LedgerConfig,
     ) -> Result<Ledger, StoreError> {
         let ids = Arc::new(Mutex::new(IdIndex::new()));
@@ -428,6 +431,7 @@ impl Ledger {
             next_batch_seq: 1,
             hub,
             registry,
+            metrics,
             signer: Some(signer),
             signed_rx,
             in_flight: Vec::new(),
@@ -562,6 +566,7 @@ impl Writer {
                         if n == 0 {
                             break;
                         }
+                        self.metrics.queue_depth.set(rx.len() as i64);
                         let mut jobs = Vec::with_capacity(n);
                         let mut flushes = Vec::new();
                         for cmd in buf.drain(..) {
@@ -741,6 +746,7 @@ impl Writer {
     /// channels' rows, which then lag no more).
     fn publish_states(&mut self) {
         self.pending_since = None;
+        self.metrics.signed_states.inc_by(self.signed_pending.len() as u64);
         for (key, state) in self.signed_pending.drain(..) {
             self.unwritten.remove(&key);
             self.hub.publish_state(&key, state);
@@ -766,6 +772,8 @@ impl Writer {
         }
         match self.commit(&fresh) {
             Ok((batch_seq, groups)) => {
+                self.metrics.batch_size.observe(fresh.len() as f64);
+                self.metrics.pool_nsat.inc_by(fresh.iter().map(|j| j.prepared.pool_nsat).sum());
                 self.publish_payments(&fresh, &groups, batch_seq);
                 for (job, leaf) in followers {
                     let p = &fresh[leaf].prepared;

@@ -69,6 +69,9 @@ pub fn database_path(data_dir: &Path) -> PathBuf {
     data_dir.join(files::DATABASE)
 }
 
+/// How often the WAL is checkpointed off the writer's thread.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+
 /// A running daemon.
 pub struct RunningDaemon {
     /// The address the gRPC server listens on (the real port when 0 was asked).
@@ -161,6 +164,10 @@ pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
     let db = database_path(&config.data_dir);
     let durability = config.storage.durability;
     let writer_conn = store::initialize(&db, durability)?;
+    writer_conn
+        .pragma_update(None, "wal_autocheckpoint", store::WRITER_AUTOCHECKPOINT_PAGES)
+        .map_err(StoreError::from)?;
+    let checkpointer = store::Checkpointer::start(&db, durability, CHECKPOINT_INTERVAL)?;
     check_identity(&writer_conn, &config, &provider_key)?;
 
     let registry =
@@ -168,12 +175,14 @@ pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
     let tokens = Arc::new(TokenStore::open(store::connect(&db, durability)?)?);
     let reader = Arc::new(Mutex::new(store::connect(&db, durability)?));
     let hub = Hub::new(config.meter.subscriber_buffer);
+    let metrics = Metrics::new();
     let ledger = Ledger::start(
         writer_conn,
         config.network,
         provider,
         registry.clone(),
         hub.clone(),
+        metrics.clone(),
         LedgerConfig {
             max_batch: config.meter.max_batch,
             queue_capacity: config.meter.queue_capacity,
@@ -225,6 +234,7 @@ pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
                 handle.clone(),
                 config.meter.max_price_nsat,
                 max,
+                metrics.clone(),
             ))
             .max_decoding_message_size(hard_max),
             i.clone(),
@@ -250,7 +260,6 @@ pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
         ));
     drop(handle);
 
-    let metrics = Metrics::new();
     let (shutdown, stop) = oneshot::channel::<()>();
     let (stop_all, _) = tokio::sync::broadcast::channel::<()>(1);
     let metrics_addr = match config.metrics_listen {
@@ -294,7 +303,11 @@ pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
             .await;
         reloader.abort();
         // The router (and every ledger handle in it) is gone: drain and stop the writer.
-        let _ = tokio::task::spawn_blocking(move || ledger.shutdown()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            ledger.shutdown();
+            checkpointer.stop();
+        })
+        .await;
         tracing::info!("tributed stopped");
         served.map_err(DaemonError::from)
     });

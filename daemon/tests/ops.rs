@@ -31,8 +31,34 @@ async fn metrics_are_scraped_with_balances() {
     for i in 0..40u64 {
         meter.meter(usage_request(&format!("q-{i}"), "m", 100_000, 0)).await.expect("meter");
     }
+    // One replay, one rejection, then every head signed.
+    assert!(
+        meter
+            .meter(usage_request("q-0", "m", 100_000, 0))
+            .await
+            .expect("replay")
+            .into_inner()
+            .replayed
+    );
+    meter.meter(usage_request("q-x", "no-such-model", 1, 0)).await.expect_err("unknown model");
+    d.running().flush().await;
     let body = scrape(d.running().metrics_addr.expect("metrics enabled")).await;
     assert!(body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"), "{body}");
+    let value = |series: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("no {series} in {body}"))
+            .parse()
+            .expect("number")
+    };
+    assert_eq!(value("tribute_meter_requests_total{outcome=\"accepted\"}"), 40.0);
+    assert_eq!(value("tribute_meter_requests_total{outcome=\"replayed\"}"), 1.0);
+    assert_eq!(value("tribute_meter_requests_total{outcome=\"rejected\"}"), 1.0);
+    assert_eq!(value("tribute_meter_latency_seconds_count"), 41.0);
+    assert_eq!(value("tribute_meter_batch_size_sum"), 40.0);
+    assert_eq!(value("tribute_meter_pool_nsat_total"), 40.0 * 1_700_003.0);
+    assert!(value("tribute_signed_states_total") >= 2.0);
+    assert_eq!(value("tribute_meter_queue_depth"), 0.0);
     assert!(body.contains("tribute_channels 2"), "two channels: {body}");
     // 40 × (1_000_003 + 700_000) nsat, all to contributors, split 1:3.
     let total_msat = 40 * 1_700_003u64 / 1_000_000;

@@ -4,10 +4,12 @@ use crate::auth::{authorize, policy};
 use crate::error::ApiError;
 use crate::ledger::{unix_now, LedgerHandle, MeterJob, MeterOutcome};
 use crate::meter::{prepare, MeterInput, PriceInput};
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use futures::stream::{FuturesOrdered, StreamExt};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -25,17 +27,30 @@ pub struct MeteringService {
     ledger: LedgerHandle,
     max_price_nsat: u64,
     max_message_bytes: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl MeteringService {
-    /// Meters into `ledger`, validating against `registry`.
+    /// Meters into `ledger`, validating against `registry`; counts into `metrics`.
     pub fn new(
         registry: Arc<Registry>,
         ledger: LedgerHandle,
         max_price_nsat: u64,
         max_message_bytes: usize,
+        metrics: Arc<Metrics>,
     ) -> Self {
-        MeteringService { registry, ledger, max_price_nsat, max_message_bytes }
+        MeteringService { registry, ledger, max_price_nsat, max_message_bytes, metrics }
+    }
+
+    /// Validates, queues and awaits one request, and records its outcome and latency.
+    async fn meter_one(&self, r: pb::MeterRequest) -> Result<pb::MeterResponse, ApiError> {
+        let started = Instant::now();
+        let answered = match self.submit(r) {
+            Ok(rx) => answer(rx).await,
+            Err(e) => Err(e),
+        };
+        record(&self.metrics, &answered, started);
+        answered
     }
 
     /// Validates and queues one request; the receiver resolves once it is durable.
@@ -61,6 +76,23 @@ impl MeteringService {
         let (reply, rx) = oneshot::channel();
         self.ledger.submit(MeterJob { prepared, include_shares: r.include_shares, reply })?;
         Ok(rx)
+    }
+}
+
+/// Counts an answer by outcome, and the latency of the durable ones.
+fn record(metrics: &Metrics, answered: &Result<pb::MeterResponse, ApiError>, started: Instant) {
+    let outcome = match answered {
+        Ok(r) if r.replayed => "replayed",
+        Ok(_) => "accepted",
+        Err(e) => match e.code {
+            tonic::Code::ResourceExhausted => "overloaded",
+            tonic::Code::Internal | tonic::Code::Unavailable => "failed",
+            _ => "rejected",
+        },
+    };
+    metrics.count(outcome);
+    if answered.is_ok() {
+        metrics.meter_latency.observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -112,8 +144,7 @@ impl Metering for MeteringService {
         req: Request<pb::MeterRequest>,
     ) -> Result<Response<pb::MeterResponse>, Status> {
         authorize(&req, policy::METER)?;
-        let rx = self.submit(req.into_inner())?;
-        Ok(Response::new(answer(rx).await?))
+        Ok(Response::new(self.meter_one(req.into_inner()).await?))
     }
 
     type MeterStreamStream = MeterStreamOut;
@@ -134,6 +165,7 @@ impl Metering for MeteringService {
             ledger: self.ledger.clone(),
             max_price_nsat: self.max_price_nsat,
             max_message_bytes: self.max_message_bytes,
+            metrics: self.metrics.clone(),
         };
         tokio::spawn(async move {
             let mut pending = FuturesOrdered::new();
@@ -150,15 +182,21 @@ impl Metering for MeteringService {
                     }
                     next = input.next(), if input_open && pending.len() < STREAM_WINDOW => {
                         match next {
-                            Some(Ok(r)) => match this.submit(r) {
-                                Ok(rx) => pending.push_back(answer(rx)),
-                                Err(e) => {
+                            Some(Ok(r)) => {
+                                let started = Instant::now();
+                                let rx = this.submit(r).unwrap_or_else(|e| {
                                     // Answered in order, after every earlier request.
                                     let (failed, rx) = oneshot::channel();
                                     let _ = failed.send(Err(e));
-                                    pending.push_back(answer(rx));
-                                }
-                            },
+                                    rx
+                                });
+                                let metrics = this.metrics.clone();
+                                pending.push_back(async move {
+                                    let answered = answer(rx).await;
+                                    record(&metrics, &answered, started);
+                                    answered
+                                });
+                            }
                             Some(Err(status)) => {
                                 tracing::debug!("meter stream input error: {status}");
                                 input_open = false;

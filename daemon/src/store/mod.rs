@@ -99,6 +99,52 @@ pub fn integrity_check(conn: &Connection) -> Result<(), StoreError> {
     }
 }
 
+/// WAL pages the metering writer lets pile up before it checkpoints by itself: only a
+/// backstop, as the [`Checkpointer`] keeps the WAL far shorter.
+pub const WRITER_AUTOCHECKPOINT_PAGES: i64 = 16_384;
+
+/// Copies the WAL back into the database file from a thread and connection of its own
+/// (`PRAGMA wal_checkpoint(PASSIVE)` every `interval`: it never blocks the writer), so that
+/// no metering commit pays for a checkpoint and its fsync.
+pub struct Checkpointer {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    /// Starts checkpointing the database at `path`.
+    pub fn start(
+        path: &Path,
+        durability: Durability,
+        interval: Duration,
+    ) -> Result<Checkpointer, StoreError> {
+        let conn = connect(path, durability)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("tribute-checkpoint".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(interval)
+                {
+                    let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                    });
+                    if let Err(e) = done {
+                        tracing::warn!("WAL checkpoint failed: {e}");
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Corrupt(format!("cannot start checkpoint thread: {e}")))?;
+        Ok(Checkpointer { stop, thread })
+    }
+
+    /// Stops and joins the thread.
+    pub fn stop(self) {
+        drop(self.stop);
+        let _ = self.thread.join();
+    }
+}
+
 /// Writes a consistent copy of the live database to `dest` (`VACUUM INTO`), safe while the
 /// daemon runs. `dest` must not exist.
 pub fn backup(conn: &Connection, dest: &Path) -> Result<(), StoreError> {
