@@ -13,6 +13,7 @@ pub mod contributor;
 pub mod error;
 pub mod keys;
 pub mod manifest;
+pub mod node;
 pub mod provider;
 pub mod time;
 

@@ -10,8 +10,9 @@ use tribute_client::config::{CliConfig, GlobalArgs};
 use tribute_client::contributor::{Contributor, LicenceStatus};
 use tribute_client::keys::{prepare_private_dir, ContributorKey};
 use tribute_client::manifest::{Manifest, Progress};
+use tribute_client::node::{NodeConfig, NodeStatus, NodeStore, NODE_DB_FILE};
 use tribute_client::time::{parse_time, unix_now};
-use tribute_client::{ClientError, Meter, Provider};
+use tribute_client::{ClientError, Meter, Provider, RetryPolicy};
 
 const ABOUT: &str =
     "Tribute: contributors license datasets and check they are paid; providers meter inference.";
@@ -91,6 +92,15 @@ enum ContributorCommand {
     },
     /// List this contributor's licences as the daemon has them.
     Licences,
+    /// Run the receiving node: follow the channel, verify and keep every signed state,
+    /// keep proofs of misbehaviour, reconnect with backoff. Stops on Ctrl-C / SIGTERM.
+    #[command(
+        after_help = "Example:\n  RUST_LOG=info tribute contributor run\n\nLightning payouts are not received yet: that part comes with settlement."
+    )]
+    Run,
+    /// What this node's own records say: accrued, settled, outstanding, settlements,
+    /// refused states and proofs (never the daemon's word).
+    Status,
 }
 
 #[derive(Args)]
@@ -223,6 +233,71 @@ fn print_licence(l: &LicenceStatus) {
     }
 }
 
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn print_status(st: &NodeStatus) {
+    if let Some((network, provider, contributor)) = &st.identity {
+        println!("contributor_key:  {contributor}");
+        println!("provider_key:     {provider}");
+        println!("network:          {network:?}");
+    }
+    println!("accrued_nsat:     {}", st.accrued_nsat().0);
+    println!("settled_msat:     {}", st.settled_msat().0);
+    println!("outstanding_nsat: {}", st.outstanding_nsat().0);
+    println!("received_msat:    - (no Lightning node yet)");
+    for c in &st.channels {
+        match &c.latest {
+            Some(s) => println!(
+                "channel:          {} seq {} accrued_nsat {} settled_msat {} {:?}",
+                c.channel_id,
+                s.message.seq,
+                s.message.accrued_nsat.0,
+                s.message.settled_msat.0,
+                s.message.status
+            ),
+            None => println!("channel:          {} (no state yet)", c.channel_id),
+        }
+    }
+    let pending = st.settlements.iter().filter(|s| s.state == "pending").count();
+    println!(
+        "settlements:      {} notices, {} msat succeeded, {} pending",
+        st.settlements.len(),
+        st.noticed_succeeded_msat().0,
+        pending
+    );
+    if st.settled_msat() != st.noticed_succeeded_msat() {
+        println!(
+            "discrepancy:      signed states say {} msat settled, succeeded notices {} msat",
+            st.settled_msat().0,
+            st.noticed_succeeded_msat().0
+        );
+    }
+    println!("refused_states:   {}", st.rejections.len());
+    println!("proofs:           {}", st.proofs().count());
+    for r in &st.rejections {
+        println!(
+            "refused:          {} {} at {}{}: {}",
+            r.kind,
+            r.channel_id,
+            r.at.0,
+            if r.is_proof { " PROOF" } else { "" },
+            r.detail
+        );
+    }
+}
+
 async fn login(config: &CliConfig) -> Result<Contributor, ClientError> {
     let key = ContributorKey::load(&config.key_path())?;
     Contributor::login(&config.endpoint()?, key, config.network()?, config.pinned_provider_key()?)
@@ -327,6 +402,41 @@ async fn contributor(config: &CliConfig, cmd: ContributorCommand) -> Result<(), 
             let c = login(config).await?;
             let l = c.revoke(hash, licence_id, at).await?;
             print_licence(&l);
+        }
+        ContributorCommand::Run => {
+            let key = ContributorKey::load(&config.key_path())?;
+            let node = NodeConfig {
+                endpoint: config.endpoint()?,
+                store_path: config.home.join(NODE_DB_FILE),
+                network: config.network()?,
+                provider_key: config.pinned_provider_key()?,
+                reconnect: RetryPolicy {
+                    max_attempts: u32::MAX,
+                    initial_backoff: std::time::Duration::from_millis(200),
+                    max_backoff: std::time::Duration::from_secs(30),
+                },
+            };
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                let _ = stop.send(true);
+            });
+            eprintln!("contributor {} following {}", key.public(), config.daemon);
+            tribute_client::node::run(node, key, stopped)
+                .await
+                .map_err(|e| ClientError::Config(e.to_string()))?;
+        }
+        ContributorCommand::Status => {
+            let path = config.home.join(NODE_DB_FILE);
+            if !path.exists() {
+                return Err(ClientError::Config(format!(
+                    "no node records at {}: run `tribute contributor run` first",
+                    path.display()
+                )));
+            }
+            let store = NodeStore::open(&path).map_err(|e| ClientError::Config(e.to_string()))?;
+            let st = store.status().map_err(|e| ClientError::Config(e.to_string()))?;
+            print_status(&st);
         }
         ContributorCommand::Licences => {
             let c = login(config).await?;

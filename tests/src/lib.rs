@@ -35,9 +35,14 @@ pub struct TestDaemon {
 
 impl TestDaemon {
     pub async fn start(dir: &Path) -> TestDaemon {
+        Self::start_on(dir, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts on `listen` (a restart on the address a daemon had before).
+    pub async fn start_on(dir: &Path, listen: std::net::SocketAddr) -> TestDaemon {
         let mut c = Config {
             data_dir: dir.to_path_buf(),
-            listen: "127.0.0.1:0".parse().unwrap(),
+            listen,
             metrics_listen: None,
             ..Config::default()
         };

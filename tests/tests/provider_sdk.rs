@@ -155,6 +155,12 @@ async fn daemon_down_gives_up_within_the_deadline() {
 async fn pool_opens_its_connections_and_spreads_calls() {
     let s = setup().await;
     let p = Provider::connect(config(&s, 4)).await.unwrap();
+    // The proxy counts a connection when its accept loop gets to it, a moment after the
+    // client's connect returned.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while s.proxy.accepted() < 4 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(s.proxy.accepted(), 4, "four HTTP/2 connections");
     let calls = (0..64).map(|i| {
         let p = p.clone();
