@@ -240,3 +240,131 @@ async fn unreachable_daemon_and_missing_key_are_clear() {
     let o = tribute(&home, "127.0.0.1:9", &["contributor", "licences"], &[]).await;
     assert!(stderr(&o).contains("http://"), "{}", stderr(&o));
 }
+
+/// Polls `tribute contributor status` until `accrued_nsat` is `want`.
+async fn status_reaches(home: &Path, url: &str, want: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let o = tribute(home, url, &["contributor", "status"], &[]).await;
+        if o.status.success() && field(&stdout(&o), "accrued_nsat") == want {
+            return stdout(&o);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "status never showed {want}: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_follows_the_channel_and_status_reads_the_nodes_own_records() {
+    use tribute_client::connect::Bearer;
+    use tribute_proto::v1 as pb;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = daemon(&dir.path().join("daemon")).await;
+    let url = format!("http://{}", d.grpc_addr);
+    let home = dir.path().join("carol");
+    let o = tribute(&home, &url, &["contributor", "status"], &[]).await;
+    assert!(stderr(&o).contains("tribute contributor run"), "{}", stderr(&o));
+    assert!(tribute(&home, &url, &["contributor", "init"], &[]).await.status.success());
+    let fx = fixture();
+    let fx = fx.to_str().expect("utf-8");
+    let o = tribute(
+        &home,
+        &url,
+        &["contributor", "register-dataset", fx, "--licence", "CC0-1.0", "--uses", "training"],
+        &[],
+    )
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // A provider trains a model on it and meters requests.
+    let now = tribute_client::time::unix_now();
+    let prov = d.tokens.create(Role::Provider, None, "p", None, now).expect("token").secret;
+    let op = d.tokens.create(Role::Operator, None, "o", None, now).expect("token").secret;
+    let channel = tribute_client::DaemonEndpoint::new(&url).connect().await.expect("connect");
+    let mut reg = pb::registry_client::RegistryClient::with_interceptor(
+        channel.clone(),
+        Bearer::new(Some(&prov)).expect("bearer"),
+    );
+    reg.register_model(pb::RegisterModelRequest {
+        model_id: "m".into(),
+        contributor_share_ppm: 250_000,
+        tariff: Some(pb::Tariff {
+            per_request_nsat: 4_000_001,
+            per_input_token_nsat: 3,
+            per_output_token_nsat: 5,
+        }),
+    })
+    .await
+    .expect("model");
+    let hash = tribute_channels::DatasetHash::from_hex(FIXTURE_DATASET_HASH).expect("hash");
+    reg.register_training_run(pb::RegisterTrainingRunRequest {
+        run_id: "m-1".into(),
+        model_id: "m".into(),
+        started_at: now.0 + 1,
+        finished_at: now.0 + 2,
+        datasets: vec![pb::DatasetWeight { dataset_hash: hash.0.to_vec(), weight: 1 }],
+    })
+    .await
+    .expect("run");
+    let provider = tribute_client::Provider::connect(tribute_client::ProviderConfig::new(
+        tribute_client::DaemonEndpoint::new(&url),
+        prov,
+    ))
+    .await
+    .expect("provider");
+    for i in 0..7 {
+        provider
+            .meter(&tribute_client::Meter::usage(&format!("q-{i}"), "m", i, i).expect("meter"))
+            .await
+            .expect("metered");
+    }
+
+    let mut node = Command::new(env!("CARGO_BIN_EXE_tribute"))
+        .arg("--home")
+        .arg(&home)
+        .arg("--daemon")
+        .arg(&url)
+        .args(["contributor", "run"])
+        .env_remove("TRIBUTE_CLI_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("node starts");
+    let mut chans = pb::channels_client::ChannelsClient::with_interceptor(
+        channel,
+        Bearer::new(Some(&op)).expect("bearer"),
+    );
+    let key = field(
+        &stdout(&tribute(&home, &url, &["contributor", "show"], &[]).await),
+        "contributor_key",
+    );
+    let want = chans
+        .get_channel(pb::GetChannelRequest {
+            contributor_key: hex::decode(&key).expect("hex"),
+            channel_id: vec![],
+        })
+        .await
+        .expect("channel")
+        .into_inner();
+    let out = status_reaches(&home, &url, &want.accrued_nsat).await;
+    assert_eq!(field(&out, "outstanding_nsat"), want.outstanding_nsat);
+    assert_eq!(field(&out, "settled_msat"), "0");
+    assert_eq!(field(&out, "proofs"), "0");
+    assert_eq!(field(&out, "contributor_key"), key);
+
+    // SIGTERM stops it cleanly; its records stay readable.
+    let killed =
+        Command::new("kill").args(["-TERM", &node.id().to_string()]).status().expect("kill");
+    assert!(killed.success());
+    let exit =
+        tokio::task::spawn_blocking(move || node.wait()).await.expect("joined").expect("waited");
+    assert!(exit.success(), "{exit:?}");
+    let o = tribute(&home, &url, &["contributor", "status"], &[]).await;
+    assert_eq!(field(&stdout(&o), "accrued_nsat"), want.accrued_nsat);
+    d.shutdown().await.expect("stops");
+}
