@@ -112,7 +112,7 @@ impl Default for CliConfig {
 /// Flags that override the file and the environment (only those given).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct GlobalArgs {
-    /// TOML configuration file [env: TRIBUTE_CLI_CONFIG].
+    /// TOML configuration file.
     #[arg(long, global = true, env = "TRIBUTE_CLI_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// The daemon's URL, e.g. http://127.0.0.1:50051 [env: TRIBUTE_CLI_DAEMON].

@@ -7,12 +7,15 @@ use std::process::ExitCode;
 use tribute_channels::licence::{Use, Uses};
 use tribute_channels::{DatasetHash, Timestamp};
 use tribute_client::config::{CliConfig, GlobalArgs};
+use tribute_client::connect::Bearer;
 use tribute_client::contributor::{Contributor, LicenceStatus};
 use tribute_client::keys::{prepare_private_dir, ContributorKey};
 use tribute_client::manifest::{Manifest, Progress};
 use tribute_client::node::{NodeConfig, NodeStatus, NodeStore, NODE_DB_FILE};
 use tribute_client::time::{parse_time, unix_now};
 use tribute_client::{ClientError, Meter, Provider, RetryPolicy};
+use tribute_proto::v1 as pb;
+use tribute_proto::v1::registry_client::RegistryClient;
 
 const ABOUT: &str =
     "Tribute: contributors license datasets and check they are paid; providers meter inference.";
@@ -23,7 +26,11 @@ Examples:
   tribute contributor register --node-id 02ab…(66 hex)
   tribute contributor register-dataset ./my-corpus --licence CC-BY-4.0 --uses training,retrieval
   tribute contributor revoke ./my-corpus
-  TRIBUTE_CLI_TOKEN=trb_… tribute provider meter --model llm-a --request-id req-1 --input-tokens 900 --output-tokens 120
+  tribute contributor run                  # the receiving node; `tribute contributor status` reads its records
+  export TRIBUTE_CLI_TOKEN=trb_…           # a provider token
+  tribute provider register-model --model llm-a --share-ppm 200000 --per-request-nsat 5000000
+  tribute provider register-run --model llm-a --run-id run-1 --started-at now --dataset <HASH>=1
+  tribute provider meter --model llm-a --request-id req-1 --input-tokens 900 --output-tokens 120
 
 Configuration: --config FILE (TOML, see client/example.config.toml) < TRIBUTE_CLI_* environment < flags.";
 
@@ -38,7 +45,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// What a data contributor does: keys, dataset licences.
+    /// What a data contributor does: key, dataset licences, the receiving node.
     #[command(subcommand)]
     Contributor(ContributorCommand),
     /// What an inference provider does: meter requests, register models and training runs.
@@ -129,6 +136,48 @@ enum UseArg {
 
 #[derive(Subcommand)]
 enum ProviderCommand {
+    /// Register a model: its contributor share and tariff (idempotent for equal content).
+    #[command(
+        after_help = "Example:\n  tribute provider register-model --model llm-a --share-ppm 200000 --per-request-nsat 5000000 --per-output-token-nsat 20"
+    )]
+    RegisterModel {
+        /// The model id.
+        #[arg(long)]
+        model: String,
+        /// Share of each request's price paid to contributors, in parts per million.
+        #[arg(long)]
+        share_ppm: u32,
+        /// Price per request, in nanosatoshi.
+        #[arg(long, default_value_t = 0)]
+        per_request_nsat: u64,
+        /// Price per input token, in nanosatoshi.
+        #[arg(long, default_value_t = 0)]
+        per_input_token_nsat: u64,
+        /// Price per output token, in nanosatoshi.
+        #[arg(long, default_value_t = 0)]
+        per_output_token_nsat: u64,
+    },
+    /// Record a training run over licensed datasets: a new attribution version.
+    #[command(
+        after_help = "Example:\n  tribute provider register-run --model llm-a --run-id run-7 --started-at 2026-11-01 --finished-at 2026-11-03 \\\n      --dataset 3f2a…(64 hex)=3 --dataset 9b01…=1"
+    )]
+    RegisterRun {
+        /// The model trained.
+        #[arg(long)]
+        model: String,
+        /// The run id.
+        #[arg(long)]
+        run_id: String,
+        /// When training started: now, Unix seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ.
+        #[arg(long)]
+        started_at: String,
+        /// When training finished (default: started_at).
+        #[arg(long)]
+        finished_at: Option<String>,
+        /// A dataset and its weight, `HASH=WEIGHT` (repeat for each dataset).
+        #[arg(long = "dataset", value_name = "HASH=WEIGHT", required = true)]
+        datasets: Vec<String>,
+    },
     /// Meter one inference request (retried with the same id on transient failures).
     #[command(
         after_help = "Examples:\n  tribute provider meter --model llm-a --request-id req-1 --input-tokens 900 --output-tokens 120\n  tribute provider meter --model llm-a --request-id req-2 --price-nsat 5000000"
@@ -455,8 +504,85 @@ async fn contributor(config: &CliConfig, cmd: ContributorCommand) -> Result<(), 
     Ok(())
 }
 
+async fn registry(
+    config: &CliConfig,
+) -> Result<RegistryClient<tribute_client::connect::Authed>, ClientError> {
+    let token = config.token.as_deref().ok_or_else(|| {
+        ClientError::Config(
+            "a provider token is needed: set TRIBUTE_CLI_TOKEN or pass --token".into(),
+        )
+    })?;
+    let channel = config.endpoint()?.connect().await?;
+    Ok(RegistryClient::with_interceptor(channel, Bearer::new(Some(token))?))
+}
+
+fn dataset_weight(s: &str) -> Result<pb::DatasetWeight, ClientError> {
+    let bad = || {
+        ClientError::Config(format!(
+            "--dataset {s:?}: expected HASH=WEIGHT (64 hex digits, a positive integer)"
+        ))
+    };
+    let (h, w) = s.split_once('=').ok_or_else(bad)?;
+    let hash = DatasetHash::from_hex(&h.trim().to_ascii_lowercase()).map_err(|_| bad())?;
+    let weight: u64 = w.trim().parse().map_err(|_| bad())?;
+    Ok(pb::DatasetWeight { dataset_hash: hash.0.to_vec(), weight })
+}
+
 async fn provider(config: &CliConfig, cmd: ProviderCommand) -> Result<(), ClientError> {
+    let now = unix_now();
     match cmd {
+        ProviderCommand::RegisterModel {
+            model,
+            share_ppm,
+            per_request_nsat,
+            per_input_token_nsat,
+            per_output_token_nsat,
+        } => {
+            if share_ppm > 1_000_000 {
+                return Err(ClientError::Config("--share-ppm must be at most 1000000".into()));
+            }
+            let m = registry(config)
+                .await?
+                .register_model(pb::RegisterModelRequest {
+                    model_id: model,
+                    contributor_share_ppm: share_ppm,
+                    tariff: Some(pb::Tariff {
+                        per_request_nsat,
+                        per_input_token_nsat,
+                        per_output_token_nsat,
+                    }),
+                })
+                .await
+                .map_err(|s| ClientError::rpc("Registry.RegisterModel", &s))?
+                .into_inner();
+            println!("model:               {}", m.model_id);
+            println!("share_ppm:           {}", m.contributor_share_ppm);
+            println!("attribution_version: {}", m.attribution_version);
+        }
+        ProviderCommand::RegisterRun { model, run_id, started_at, finished_at, datasets } => {
+            let started = time_arg("started-at", &started_at, now)?;
+            let finished = match &finished_at {
+                Some(f) => time_arg("finished-at", f, now)?,
+                None => started,
+            };
+            let datasets =
+                datasets.iter().map(|d| dataset_weight(d)).collect::<Result<Vec<_>, _>>()?;
+            let r = registry(config)
+                .await?
+                .register_training_run(pb::RegisterTrainingRunRequest {
+                    run_id,
+                    model_id: model,
+                    started_at: started.0,
+                    finished_at: finished.0,
+                    datasets,
+                })
+                .await
+                .map_err(|s| ClientError::rpc("Registry.RegisterTrainingRun", &s))?
+                .into_inner();
+            println!("run:                 {}", r.run_id);
+            println!("model:               {}", r.model_id);
+            println!("attribution_version: {}", r.attribution_version);
+        }
         ProviderCommand::Meter { model, request_id, input_tokens, output_tokens, price_nsat } => {
             let m = match (price_nsat, input_tokens, output_tokens) {
                 (Some(p), None, None) => Meter::priced(&request_id, &model, p)?,

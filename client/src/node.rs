@@ -872,3 +872,138 @@ async fn session(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitcoin::secp256k1::{Keypair, SecretKey};
+    use tribute_channels::channel::PayerChannel;
+
+    fn keypair(n: u8) -> Keypair {
+        let mut sk = [0u8; 32];
+        sk[31] = n;
+        Keypair::from_secret_key(
+            tribute_channels::sign::secp(),
+            &SecretKey::from_slice(&sk).unwrap(),
+        )
+    }
+
+    fn params() -> ChannelParams {
+        ChannelParams {
+            network: Network::Regtest,
+            provider_key: PublicKey::from(keypair(1).x_only_public_key().0),
+            contributor_key: PublicKey::from(keypair(2).x_only_public_key().0),
+            nonce: [7; 32],
+        }
+    }
+
+    /// Signed states of one channel: accrue 1_500_000 nsat per step, settle 1 msat at step 3.
+    fn states(n: usize) -> Vec<Signed<ChannelState>> {
+        let mut payer = PayerChannel::open(&params());
+        let mut out = Vec::new();
+        for i in 0..n {
+            payer = payer.accrue(Nsat(1_500_000)).unwrap();
+            if i == 3 {
+                payer = payer.settle(Msat(1), [0xaa; 32]).unwrap();
+            }
+            let (next, signed) = payer.sign(&keypair(1), &[0; 32]).unwrap();
+            payer = next;
+            out.push(signed);
+        }
+        out
+    }
+
+    fn notice(id: u8, state: &str, amount_msat: u64) -> pb::ChannelEvent {
+        pb::ChannelEvent {
+            event: Some(pb::channel_event::Event::Settlement(pb::SettlementNotice {
+                settlement_id: vec![id; 16],
+                amount_msat,
+                payment_hash: vec![0xaa; 32],
+                state: state.into(),
+            })),
+        }
+    }
+
+    #[test]
+    fn states_are_verified_stored_and_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(NODE_DB_FILE);
+        let s = states(5);
+        let now = Timestamp(1_700_000_000);
+        {
+            let mut store = NodeStore::open(&path).unwrap();
+            let mut f = Follower::load(&mut store, params(), now).unwrap();
+            for st in &s[..4] {
+                assert_eq!(
+                    f.on_state(&mut store, &st.encode(), now).unwrap(),
+                    Seen::Accepted { seq: st.message.seq }
+                );
+            }
+            // Not right after subscribing: the same state again is a replay, kept.
+            assert_eq!(
+                f.on_state(&mut store, &s[3].encode(), now).unwrap(),
+                Seen::Refused { kind: "REPLAY".into() }
+            );
+            // Settlement notices: each (id, state) once.
+            for ev in [notice(1, "pending", 1), notice(1, "pending", 1), notice(1, "succeeded", 1)]
+            {
+                assert_eq!(f.on_event(&mut store, ev, now).unwrap(), Seen::Settlement);
+            }
+        }
+        let mut store = NodeStore::open(&path).unwrap();
+        let st = store.status().unwrap();
+        assert_eq!(st.channels[0].latest, Some(s[3]));
+        assert_eq!(st.accrued_nsat(), Nsat(6_000_000));
+        assert_eq!(st.settled_msat(), Msat(1));
+        assert_eq!(st.outstanding_nsat(), Nsat(5_000_000));
+        assert_eq!(st.settlements.len(), 2);
+        assert_eq!(st.noticed_succeeded_msat(), Msat(1));
+        assert_eq!(st.rejections.len(), 1);
+        assert_eq!(st.proofs().count(), 0);
+
+        // Reloaded: the re-sent latest state is expected; the next one is accepted.
+        let mut f = Follower::load(&mut store, params(), now).unwrap();
+        assert_eq!(f.on_state(&mut store, &s[3].encode(), now).unwrap(), Seen::Resent);
+        assert_eq!(
+            f.on_state(&mut store, &s[4].encode(), now).unwrap(),
+            Seen::Accepted { seq: s[4].message.seq }
+        );
+        // The store itself refuses to go backwards, whoever asks.
+        assert!(matches!(store.save_latest(&s[2], now), Err(NodeError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_stored_state_that_no_longer_verifies_is_refused_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(NODE_DB_FILE);
+        let s = states(2);
+        let now = Timestamp(1);
+        let mut store = NodeStore::open(&path).unwrap();
+        let mut f = Follower::load(&mut store, params(), now).unwrap();
+        f.on_state(&mut store, &s[1].encode(), now).unwrap();
+        let mut bytes = s[1].encode();
+        bytes[80] ^= 1;
+        store.conn.execute("UPDATE channels SET signed_state = ?1", [bytes]).unwrap();
+        assert!(matches!(
+            Follower::load(&mut store, params(), now),
+            Err(NodeError::Corrupt { .. })
+        ));
+        assert!(matches!(store.status(), Err(NodeError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn identity_is_recorded_once_and_then_required() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = NodeStore::open(&dir.path().join(NODE_DB_FILE)).unwrap();
+        let (p, c) = (params().provider_key, params().contributor_key);
+        store.check_identity(Network::Regtest, p, c).unwrap();
+        store.check_identity(Network::Regtest, p, c).unwrap();
+        let other = PublicKey::from(keypair(3).x_only_public_key().0);
+        for (n, pk) in [(Network::Regtest, other), (Network::Signet, p)] {
+            let e = store.check_identity(n, pk, c).unwrap_err();
+            assert!(matches!(e, NodeError::WrongDaemon { .. }), "{e}");
+            assert!(!e.is_transient());
+        }
+        assert_eq!(store.identity().unwrap(), Some((Network::Regtest, p, c)));
+    }
+}

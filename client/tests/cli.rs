@@ -281,36 +281,100 @@ async fn run_follows_the_channel_and_status_reads_the_nodes_own_records() {
     .await;
     assert!(o.status.success(), "{}", stderr(&o));
 
-    // A provider trains a model on it and meters requests.
+    // A provider trains a model on it (with the CLI) and meters requests (with the SDK).
     let now = tribute_client::time::unix_now();
     let prov = d.tokens.create(Role::Provider, None, "p", None, now).expect("token").secret;
     let op = d.tokens.create(Role::Operator, None, "o", None, now).expect("token").secret;
-    let channel = tribute_client::DaemonEndpoint::new(&url).connect().await.expect("connect");
-    let mut reg = pb::registry_client::RegistryClient::with_interceptor(
-        channel.clone(),
-        Bearer::new(Some(&prov)).expect("bearer"),
+    let as_provider = [("TRIBUTE_CLI_TOKEN", prov.as_str())];
+    let o = tribute(
+        &home,
+        &url,
+        &[
+            "provider",
+            "register-model",
+            "--model",
+            "m",
+            "--share-ppm",
+            "250000",
+            "--per-request-nsat",
+            "4000001",
+            "--per-input-token-nsat",
+            "3",
+            "--per-output-token-nsat",
+            "5",
+        ],
+        &as_provider,
+    )
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let started = (now.0 + 1).to_string();
+    let ds = format!("{FIXTURE_DATASET_HASH}=1");
+    let o = tribute(
+        &home,
+        &url,
+        &[
+            "provider",
+            "register-run",
+            "--model",
+            "m",
+            "--run-id",
+            "m-1",
+            "--started-at",
+            &started,
+            "--dataset",
+            &ds,
+        ],
+        &as_provider,
+    )
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(field(&stdout(&o), "attribution_version"), "1");
+    // A run over an unlicensed dataset names the reason.
+    let unknown = format!("{}=1", "ab".repeat(32));
+    let o = tribute(
+        &home,
+        &url,
+        &[
+            "provider",
+            "register-run",
+            "--model",
+            "m",
+            "--run-id",
+            "m-2",
+            "--started-at",
+            &started,
+            "--dataset",
+            &unknown,
+        ],
+        &as_provider,
+    )
+    .await;
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("Registry.RegisterTrainingRun failed: FAILED_PRECONDITION"),
+        "{}",
+        stderr(&o)
     );
-    reg.register_model(pb::RegisterModelRequest {
-        model_id: "m".into(),
-        contributor_share_ppm: 250_000,
-        tariff: Some(pb::Tariff {
-            per_request_nsat: 4_000_001,
-            per_input_token_nsat: 3,
-            per_output_token_nsat: 5,
-        }),
-    })
-    .await
-    .expect("model");
-    let hash = tribute_channels::DatasetHash::from_hex(FIXTURE_DATASET_HASH).expect("hash");
-    reg.register_training_run(pb::RegisterTrainingRunRequest {
-        run_id: "m-1".into(),
-        model_id: "m".into(),
-        started_at: now.0 + 1,
-        finished_at: now.0 + 2,
-        datasets: vec![pb::DatasetWeight { dataset_hash: hash.0.to_vec(), weight: 1 }],
-    })
-    .await
-    .expect("run");
+    let o = tribute(
+        &home,
+        &url,
+        &[
+            "provider",
+            "register-run",
+            "--model",
+            "m",
+            "--run-id",
+            "m-3",
+            "--started-at",
+            "now",
+            "--dataset",
+            "nope",
+        ],
+        &as_provider,
+    )
+    .await;
+    assert!(stderr(&o).contains("HASH=WEIGHT"), "{}", stderr(&o));
+    let channel = tribute_client::DaemonEndpoint::new(&url).connect().await.expect("connect");
     let provider = tribute_client::Provider::connect(tribute_client::ProviderConfig::new(
         tribute_client::DaemonEndpoint::new(&url),
         prov,
