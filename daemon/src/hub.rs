@@ -29,7 +29,7 @@ pub enum HubEvent {
     /// A settlement changed state.
     Settlement {
         /// Settlement id.
-        settlement_id: [u8; 32],
+        settlement_id: u64,
         /// Amount.
         amount_msat: u64,
         /// Payment hash.
@@ -87,7 +87,20 @@ impl Hub {
     /// Publishes a new signed state (must already be durable).
     pub fn publish_state(&self, key: &PublicKey, state: Signed<ChannelState>) {
         self.with_topic(key, |t| {
-            t.state.send_replace(Some(state));
+            // Never replace a state with an older one of the same channel (a signing round
+            // can finish after a settlement signed a newer state).
+            t.state.send_if_modified(|cur| match cur {
+                Some(c)
+                    if c.message.channel_id == state.message.channel_id
+                        && c.message.seq >= state.message.seq =>
+                {
+                    false
+                }
+                _ => {
+                    *cur = Some(state);
+                    true
+                }
+            });
         });
     }
 

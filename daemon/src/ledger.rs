@@ -99,8 +99,29 @@ pub struct MeterJob {
     pub reply: oneshot::Sender<Result<MeterOutcome, ApiError>>,
 }
 
+/// A succeeded settlement for the writer to finalize.
+#[derive(Clone, Debug)]
+pub struct SettleJob {
+    /// The settlement.
+    pub settlement_id: u64,
+    /// Whose channel.
+    pub contributor_key: PublicKey,
+    /// The channel it pays (checked against the contributor's active channel).
+    pub channel_id: ChannelId,
+    /// Amount paid.
+    pub amount_msat: u64,
+    /// `sha256(preimage)`.
+    pub payment_hash: [u8; 32],
+    /// The preimage the payee released.
+    pub preimage: [u8; 32],
+    /// Routing fee, when known.
+    pub fee_msat: Option<u64>,
+}
+
 enum Command {
     Meter(MeterJob),
+    /// Finalize a succeeded settlement; answers with the `seq` of the state carrying it.
+    Settle(SettleJob, oneshot::Sender<Result<u64, ApiError>>),
     /// Sign and publish every dirty head now; answers when done.
     Flush(oneshot::Sender<()>),
 }
@@ -302,6 +323,18 @@ impl LedgerHandle {
         if self.tx.send(Command::Flush(tx)).await.is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// Finalizes a succeeded settlement: records it, moves the channel's `settled_msat`,
+    /// signs the state carrying the payment hash (all in one transaction), then streams the
+    /// state and a settlement notice. Idempotent: a settlement already finalized answers
+    /// with the state that carries it.
+    pub async fn settle(&self, job: SettleJob) -> Result<u64, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        let stopped =
+            || ApiError::new(Code::Unavailable, ErrorReason::ShuttingDown, "writer stopped");
+        self.tx.send(Command::Settle(job, tx)).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     /// The shared request-id index.
@@ -569,14 +602,19 @@ impl Writer {
                         self.metrics.queue_depth.set(rx.len() as i64);
                         let mut jobs = Vec::with_capacity(n);
                         let mut flushes = Vec::new();
+                        let mut settles = Vec::new();
                         for cmd in buf.drain(..) {
                             match cmd {
                                 Command::Meter(j) => jobs.push(j),
                                 Command::Flush(f) => flushes.push(f),
+                                Command::Settle(j, reply) => settles.push((j, reply)),
                             }
                         }
                         if !jobs.is_empty() {
                             self.process(jobs);
+                        }
+                        for (job, reply) in settles {
+                            let _ = reply.send(self.settle(job));
                         }
                         if !flushes.is_empty() {
                             self.sign_all_now().await;
@@ -711,13 +749,7 @@ impl Writer {
         }
         let applied = self.next_batch_seq - 1;
         let persisted: HashSet<PublicKey> = self.signed_pending.iter().map(|(k, _)| *k).collect();
-        let watermark = self
-            .unwritten
-            .iter()
-            .filter(|(k, _)| !persisted.contains(k))
-            .map(|(_, first)| first - 1)
-            .min()
-            .unwrap_or(applied);
+        let watermark = self.watermark_after_writing(&persisted);
         let channels = &self.channels;
         let written = self.conn.transaction().map_err(StoreError::from).and_then(|tx| {
             persist_states(&tx, &self.signed_pending, |k| channels.get(k), applied, watermark)?;
@@ -732,6 +764,99 @@ impl Writer {
                 self.pending_since = Some(Instant::now());
             }
         }
+    }
+
+    /// The watermark once the rows of `written` are rewritten as of the last batch: the
+    /// batch before the first one some other channel's row does not show yet.
+    fn watermark_after_writing(&self, written: &HashSet<PublicKey>) -> u64 {
+        let applied = self.next_batch_seq - 1;
+        self.unwritten
+            .iter()
+            .filter(|(k, _)| !written.contains(k))
+            .map(|(_, first)| first - 1)
+            .min()
+            .unwrap_or(applied)
+    }
+
+    /// Finalizes a succeeded settlement (see [`LedgerHandle::settle`]).
+    fn settle(&mut self, job: SettleJob) -> Result<u64, ApiError> {
+        let internal = |e: String| ApiError::new(Code::Internal, ErrorReason::Internal, e);
+        match crate::settlement::pending_of(&self.conn, job.settlement_id)
+            .map_err(ApiError::storage)?
+        {
+            Some((status, Some(seq))) if status == "succeeded" => {
+                return u64::try_from(seq).map_err(|_| internal("settled_state_seq".into()))
+            }
+            Some((status, _)) if status == "pending" => {}
+            other => {
+                return Err(internal(format!(
+                    "settlement {} cannot be finalized: {other:?}",
+                    job.settlement_id
+                )))
+            }
+        }
+        let Some(entry) = self.channels.get(&job.contributor_key) else {
+            return Err(internal(format!("no active channel of {}", job.contributor_key)));
+        };
+        if entry.id() != job.channel_id {
+            return Err(internal(format!(
+                "settlement {} is for another channel",
+                job.settlement_id
+            )));
+        }
+        let (payer, signed) = entry
+            .payer
+            .settle(tribute_channels::Msat(job.amount_msat), job.payment_hash)
+            .and_then(|p| p.sign(&self.provider, &fresh_aux()))
+            .map_err(|e| internal(format!("settlement {}: {e}", job.settlement_id)))?;
+        let updated = ChannelEntry {
+            nonce: entry.nonce,
+            payer,
+            rowid: entry.rowid,
+            signed_at: entry.signed_at,
+        };
+        let key = job.contributor_key;
+        let written: HashSet<PublicKey> = [key].into_iter().collect();
+        let watermark = self.watermark_after_writing(&written);
+        let applied = self.next_batch_seq - 1;
+        let seq = signed.message.seq;
+        let tx = self.conn.transaction().map_err(ApiError::storage)?;
+        let changed = tx
+            .execute(
+                "UPDATE settlements SET status = 'succeeded', preimage = ?2, payment_hash = ?3,
+                    fee_msat = ?4, settled_state_seq = ?5, updated_at = ?6
+                 WHERE settlement_id = ?1 AND status = 'pending'",
+                params![
+                    store::u64_to_column(job.settlement_id, "settlement_id")?,
+                    &job.preimage[..],
+                    &job.payment_hash[..],
+                    job.fee_msat.map(|f| store::u64_to_column(f, "fee_msat")).transpose()?,
+                    store::u64_to_column(seq, "seq")?,
+                    store::u64_to_column(unix_now(), "now")?,
+                ],
+            )
+            .map_err(ApiError::storage)?;
+        if changed != 1 {
+            return Err(internal(format!("settlement {} changed meanwhile", job.settlement_id)));
+        }
+        persist_states(&tx, &vec![(key, signed)], |_| Some(&updated), applied, watermark)?;
+        tx.commit().map_err(ApiError::storage)?;
+        // Durable: install and publish.
+        self.channels.insert(key, updated);
+        self.unwritten.remove(&key);
+        self.dirty.remove(&key);
+        self.metrics.signed_states.inc();
+        self.hub.publish_state(&key, signed);
+        self.hub.publish_event(
+            &key,
+            HubEvent::Settlement {
+                settlement_id: job.settlement_id,
+                amount_msat: job.amount_msat,
+                payment_hash: job.payment_hash,
+                state: "succeeded",
+            },
+        );
+        Ok(seq)
     }
 
     /// Queues signed states to be made durable (then published).

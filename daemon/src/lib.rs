@@ -17,4 +17,5 @@ pub mod meter;
 pub mod metrics;
 pub mod registry;
 pub mod server;
+pub mod settlement;
 pub mod store;

@@ -13,8 +13,10 @@ use crate::grpc::{ChannelsService, MeteringService, ReceiptsService, RegistrySer
 use crate::hub::Hub;
 use crate::keys;
 use crate::ledger::{Ledger, LedgerConfig, LedgerHandle};
+use crate::lightning::DynLightningBackend;
 use crate::metrics::{self, Metrics};
 use crate::registry::Registry;
+use crate::settlement::{EngineOptions, SettlementControl, SettlementEngine};
 use crate::store::{self, StoreError};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -69,6 +71,9 @@ pub fn database_path(data_dir: &Path) -> PathBuf {
     data_dir.join(files::DATABASE)
 }
 
+/// How long shutdown waits for the settlement engine to finish what it is doing.
+const ENGINE_STOP_GRACE: Duration = Duration::from_secs(2);
+
 /// How often the WAL is checkpointed off the writer's thread.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -84,6 +89,8 @@ pub struct RunningDaemon {
     pub metrics: Arc<Metrics>,
     /// The token store (for tests and the admin surface).
     pub tokens: Arc<TokenStore>,
+    /// Operator control of settlement (no effect without a Lightning backend).
+    pub settlement: SettlementControl,
     /// Dropped before waiting for the writer, which runs until every handle is gone.
     ledger: LedgerHandle,
     shutdown: oneshot::Sender<()>,
@@ -152,14 +159,33 @@ fn check_identity(
     Ok(())
 }
 
+/// What a daemon is started with beside its configuration.
+#[derive(Default)]
+pub struct StartOptions {
+    /// The Lightning backend settlements are paid through; without one, nothing is settled
+    /// (metering and streaming work as usual).
+    pub lightning: Option<DynLightningBackend>,
+    /// Settlement engine tunables (tests shorten them, or set a fault point).
+    pub settlement: EngineOptions,
+}
+
 /// Starts the daemon.
 pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
+    start_with(config, StartOptions::default()).await
+}
+
+/// Starts the daemon with a Lightning backend and engine options.
+pub async fn start_with(
+    config: Config,
+    options: StartOptions,
+) -> Result<RunningDaemon, DaemonError> {
     config.validate().map_err(|e| DaemonError::Config(e.to_string()))?;
     check_listen_policy(&config.listen, config.tls.is_some(), config.auth.required)
         .map_err(DaemonError::Config)?;
     prepare_data_dir(&config.data_dir)?;
     let provider = keys::load_or_create_keypair(&config.data_dir.join(files::PROVIDER_KEY))?;
-    keys::load_or_create_secret(&config.data_dir.join(files::SETTLEMENT_SECRET))?;
+    let settlement_secret =
+        keys::load_or_create_secret(&config.data_dir.join(files::SETTLEMENT_SECRET))?;
     let provider_key = PublicKey::from(provider.x_only_public_key().0);
     let db = database_path(&config.data_dir);
     let durability = config.storage.durability;
@@ -189,6 +215,26 @@ pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
             sign_interval: Duration::from_millis(config.meter.stream_interval_ms),
         },
     )?;
+    let settlement = SettlementControl::default();
+    let (stop_engine, engine_stopped) = tokio::sync::watch::channel(false);
+    let engine = match options.lightning {
+        Some(backend) => {
+            let engine = SettlementEngine::new(
+                store::connect(&db, durability)?,
+                backend,
+                ledger.handle(),
+                registry.clone(),
+                config.settlement.clone(),
+                options.settlement,
+                settlement_secret,
+                config.network,
+                provider_key,
+                settlement.clone(),
+            );
+            Some(tokio::spawn(engine.run(engine_stopped)))
+        }
+        None => None,
+    };
     let challenges = Arc::new(ChallengeBook::new(
         config.network,
         provider_key,
@@ -302,6 +348,16 @@ pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
             })
             .await;
         reloader.abort();
+        // The engine holds a ledger handle: stop it first (a pending settlement stays
+        // pending and is resolved at the next start).
+        let _ = stop_engine.send(true);
+        if let Some(mut engine) = engine {
+            if tokio::time::timeout(ENGINE_STOP_GRACE, &mut engine).await.is_err() {
+                // Mid-payment: stop it where it is, as a crash would (the saga allows it).
+                engine.abort();
+                let _ = engine.await;
+            }
+        }
         // The router (and every ledger handle in it) is gone: drain and stop the writer.
         let _ = tokio::task::spawn_blocking(move || {
             ledger.shutdown();
@@ -318,6 +374,7 @@ pub async fn start(config: Config) -> Result<RunningDaemon, DaemonError> {
         metrics,
         tokens,
         ledger: ledger_handle,
+        settlement,
         shutdown,
         task,
     })

@@ -130,7 +130,7 @@ impl Channels for ChannelsService {
                             }
                             Ok(HubEvent::Settlement { settlement_id, amount_msat, payment_hash, state }) => {
                                 pb::ChannelEvent { event: Some(pb::channel_event::Event::Settlement(pb::SettlementNotice {
-                                    settlement_id: settlement_id.to_vec(), amount_msat, payment_hash: payment_hash.to_vec(),
+                                    settlement_id: settlement_id.to_be_bytes().to_vec(), amount_msat, payment_hash: payment_hash.to_vec(),
                                     state: state.to_owned(),
                                 })) }
                             }

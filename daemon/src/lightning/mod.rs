@@ -47,7 +47,9 @@ use ldk_node::bitcoin::Address;
 pub use error::LightningError;
 pub use events::{EventHandlerError, LightningEventHandler, DEFAULT_EVENT_QUEUE_CAPACITY};
 pub use ldk::{ChainSourceConfig, LdkBackend, LdkBackendConfig, SEED_FILE_NAME};
-pub use scripted::{PaymentAttempt, Resolution, ScriptStep, ScriptedBackend, SentPayment};
+pub use scripted::{
+    AttemptRequest, PaymentAttempt, Resolution, ScriptStep, ScriptedBackend, SentPayment,
+};
 pub use types::*;
 
 /// A Lightning backend shared across tasks.

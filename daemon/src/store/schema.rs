@@ -9,7 +9,7 @@ use rusqlite_migration::{Migrations, M};
 
 /// Every migration, in order.
 pub fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1)])
+    Migrations::new(vec![M::up(V1), M::up(V2)])
 }
 
 const V1: &str = r#"
@@ -126,4 +126,33 @@ CREATE TABLE tokens (
     expires_at      INTEGER,
     revoked_at      INTEGER
 ) STRICT;
+"#;
+
+/// Settlements: one row per payout attempt of a channel's whole msat (the saga's durable
+/// record). `status`: `pending` from the intent (written before anything is paid) until the
+/// outcome is known; then `succeeded` (with the preimage, fee and the signed state that
+/// carries it) or `failed` (definitely not paid: the amount stays owed, and a later
+/// settlement with a new id pays it). At most one `pending` per channel.
+const V2: &str = r#"
+CREATE TABLE settlements (
+    settlement_id     INTEGER PRIMARY KEY,
+    channel_id        BLOB NOT NULL,
+    contributor_key   BLOB NOT NULL,
+    amount_msat       INTEGER NOT NULL,
+    state_seq         INTEGER NOT NULL,
+    method            TEXT NOT NULL,
+    destination       TEXT NOT NULL,
+    payment_id        BLOB,
+    payment_hash      BLOB,
+    preimage          BLOB,
+    fee_msat          INTEGER,
+    status            TEXT NOT NULL,
+    error             TEXT,
+    settled_state_seq INTEGER,
+    created_at        INTEGER NOT NULL,
+    updated_at        INTEGER NOT NULL
+) STRICT;
+CREATE UNIQUE INDEX settlements_one_pending_per_channel ON settlements(channel_id)
+    WHERE status = 'pending';
+CREATE INDEX settlements_by_channel ON settlements(channel_id, settlement_id);
 "#;

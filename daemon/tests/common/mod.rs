@@ -76,8 +76,12 @@ impl TestDaemon {
     }
 
     pub async fn start_with(config: Config) -> TestDaemon {
+        Self::start_with_options(config, server::StartOptions::default()).await
+    }
+
+    pub async fn start_with_options(config: Config, options: server::StartOptions) -> TestDaemon {
         let dir = config.data_dir.clone();
-        let daemon = server::start(config).await.expect("daemon starts");
+        let daemon = server::start_with(config, options).await.expect("daemon starts");
         let now = Timestamp(unix_now());
         let token =
             |role| daemon.tokens.create(role, None, "test", None, now).expect("token").secret;
