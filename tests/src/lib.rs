@@ -3,6 +3,7 @@
 //! datasets through the client library, and a TCP proxy that breaks connections on cue.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+pub mod grpc_proxy;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};

@@ -283,3 +283,81 @@ async fn node_refuses_a_daemon_with_another_provider_key() {
         .expect_err("another provider key");
     assert!(err.to_string().contains("provider key"), "{err}");
 }
+
+fn state_event(bytes: Vec<u8>) -> tribute_proto::v1::ChannelEvent {
+    use tribute_proto::v1 as pb;
+    pb::ChannelEvent {
+        event: Some(pb::channel_event::Event::State(pb::SignedState {
+            signed_state: bytes,
+            seq: 0,
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn states_tampered_on_the_wire_are_refused_kept_and_reported_while_the_node_runs_on() {
+    let w = world().await;
+    let n = w.start_node();
+    w.meter("a", 8).await;
+    let st = w.node_reaches(w.daemon_accrued().await).await;
+    let old = st.channels[0].latest.unwrap();
+    w.meter("b", 8).await;
+    let st = w.node_reaches(w.daemon_accrued().await).await;
+    let latest = st.channels[0].latest.unwrap();
+    stop(n).await;
+
+    // Through a gRPC proxy that splices states into the subscription, right after the
+    // daemon's own first event (the latest state, re-sent).
+    let provider_keypair = tribute_daemon::keys::load_or_create_keypair(
+        &w.d.dir.join(tribute_daemon::server::files::PROVIDER_KEY),
+    )
+    .unwrap();
+    let mut tampered = latest.encode();
+    tampered[1 + 1 + 32 + 32 + 8 + 15] ^= 1;
+    let mut forked = latest.message;
+    forked.accrued_nsat.0 += 7;
+    let equivocation = Signed::sign(forked, &provider_keypair, &[5; 32]).unwrap().encode();
+    let injected = vec![
+        state_event(tampered.clone()),
+        state_event(old.encode()),
+        state_event(equivocation.clone()),
+        state_event(latest.encode()),
+    ];
+    let proxy = tribute_tests::grpc_proxy::GrpcProxy::start(w.d.channel().await, injected).await;
+    let key = ContributorKey::load(&w.home().join("contributor.key")).unwrap();
+    let config = NodeConfig {
+        endpoint: tribute_client::DaemonEndpoint::new(proxy.url()),
+        store_path: w.store_path(),
+        network: Some(Network::Regtest),
+        provider_key: Some(w.d.running().provider_key),
+        reconnect: RetryPolicy {
+            max_attempts: u32::MAX,
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(200),
+        },
+    };
+    let (stop_tx, stopped) = watch::channel(false);
+    let node_task = tokio::spawn(node::run(config, key, stopped));
+
+    // The forged states arrive right after the re-sent latest one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while NodeStore::open(&w.store_path()).unwrap().status().unwrap().rejections.len() < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "the forged states never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let st = NodeStore::open(&w.store_path()).unwrap().status().unwrap();
+    assert_eq!(st.channels[0].latest, Some(latest), "stored latest state unchanged");
+    // Real states keep coming after the forged ones, and are accepted.
+    w.meter("c", 8).await;
+    let accrued = w.daemon_accrued().await;
+    let st = w.node_reaches(accrued).await;
+    let kinds: Vec<&str> = st.rejections.iter().map(|r| r.kind.as_str()).collect();
+    assert_eq!(kinds, ["BAD_SIGNATURE", "STATE_REGRESSION", "EQUIVOCATION", "REPLAY"]);
+    assert_eq!(st.rejections[0].received, tampered);
+    assert_eq!(st.rejections[2].received, equivocation);
+    assert!(st.rejections.iter().all(|r| r.held.as_deref() == Some(&latest.encode()[..])));
+    assert_eq!(st.proofs().count(), 2);
+    assert!(st.channels[0].latest.unwrap().message.seq > latest.message.seq);
+    assert_eq!(st.accrued_nsat().0.to_string(), w.d.channel_of(w.alice).await.accrued_nsat);
+    stop((stop_tx, node_task)).await;
+}
