@@ -9,7 +9,9 @@ use crate::auth::{
     check_listen_policy, AuthService, Authenticator, ChallengeBook, ChallengeLimits, TokenStore,
 };
 use crate::config::Config;
-use crate::grpc::{ChannelsService, MeteringService, ReceiptsService, RegistryService};
+use crate::grpc::{
+    ChannelsService, MeteringService, OperatorService, ReceiptsService, RegistryService,
+};
 use crate::hub::Hub;
 use crate::keys;
 use crate::ledger::{Ledger, LedgerConfig, LedgerHandle};
@@ -30,6 +32,7 @@ use tribute_channels::PublicKey;
 use tribute_proto::v1::auth_server::AuthServer;
 use tribute_proto::v1::channels_server::ChannelsServer;
 use tribute_proto::v1::metering_server::MeteringServer;
+use tribute_proto::v1::operator_server::OperatorServer;
 use tribute_proto::v1::receipts_server::ReceiptsServer;
 use tribute_proto::v1::registry_server::RegistryServer;
 
@@ -217,7 +220,7 @@ pub async fn start_with(
     )?;
     let settlement = SettlementControl::default();
     let (stop_engine, engine_stopped) = tokio::sync::watch::channel(false);
-    let engine = match options.lightning {
+    let engine = match options.lightning.clone() {
         Some(backend) => {
             let engine = SettlementEngine::new(
                 store::connect(&db, durability)?,
@@ -300,6 +303,15 @@ pub async fn start_with(
                 registry.clone(),
                 reader.clone(),
                 handle.ids().clone(),
+            ))
+            .max_decoding_message_size(max),
+            i.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            OperatorServer::new(OperatorService::new(
+                options.lightning.clone(),
+                settlement.clone(),
+                reader.clone(),
             ))
             .max_decoding_message_size(max),
             i,

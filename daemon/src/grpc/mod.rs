@@ -4,11 +4,13 @@
 
 mod channels;
 pub(crate) mod metering;
+mod operator;
 mod receipts;
 mod registry;
 
 pub use channels::ChannelsService;
 pub use metering::MeteringService;
+pub use operator::OperatorService;
 pub use receipts::ReceiptsService;
 pub use registry::RegistryService;
 

@@ -1,0 +1,333 @@
+//! Settlement end to end with real ldk-node nodes on the dev chain: the daemon's node and two
+//! contributor nodes, private channels opened through the operator RPCs, metering, and
+//! settlement rounds. Each contributor node receives exactly `floor(accrued) - settled` msat
+//! per round, with TLVs naming the settlement, the channel and the state; the preimage hashes
+//! to the payment hash recorded in the settlement and carried by the signed state; sub-msat
+//! remainders stay in the channels; and `Σ pools == Σ accrued == Σ (settled + outstanding)`.
+
+mod common;
+mod common_ln;
+
+use common::*;
+use common_ln::{free_port, wait_in_mempool, TestDir};
+use ldk_node::bitcoin::hashes::{sha256, Hash};
+use ldk_node::bitcoin::{Address, Amount};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tribute_channels::channel::{ChannelParams, ChannelState, PayeeChannel};
+use tribute_channels::codec::Encode;
+use tribute_channels::registration::ContributorRegistration;
+use tribute_channels::{Network, Signed, Timestamp};
+use tribute_daemon::devchain::DevChain;
+use tribute_daemon::lightning::{
+    ChainSourceConfig, DynLightningBackend, LdkBackend, LdkBackendConfig, LightningBackend,
+    LightningEvent,
+};
+use tribute_daemon::server::StartOptions;
+use tribute_daemon::settlement::{EngineOptions, TLV_CHANNEL_ID, TLV_SETTLEMENT_ID, TLV_STATE_SEQ};
+use tribute_proto::v1 as pb;
+use tribute_proto::v1::operator_client::OperatorClient;
+
+const MODEL: &str = "llm-ln";
+const OWNERS: [(u64, u64); 2] = [(41, 3), (42, 2)];
+const FUNDING_SATS: u64 = 2_000_000;
+const CHANNEL_SATS: u64 = 500_000;
+const WAIT: Duration = Duration::from_secs(90);
+
+fn node_config(
+    chain: &DevChain,
+    dir: &TestDir,
+    port: u16,
+    trusted: Vec<[u8; 33]>,
+) -> LdkBackendConfig {
+    LdkBackendConfig {
+        listening_addresses: vec![format!("127.0.0.1:{port}")],
+        trusted_peers_no_reserve: trusted,
+        ..LdkBackendConfig::new(
+            dir.path.clone(),
+            ldk_node::bitcoin::Network::Regtest,
+            ChainSourceConfig::dev_chain(chain),
+        )
+    }
+}
+
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {WAIT:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The payments a contributor node received: (payment hash, amount, TLVs).
+async fn received(
+    node: &LdkBackend,
+    want: usize,
+    what: &str,
+) -> Vec<([u8; 32], u64, Vec<(u64, Vec<u8>)>)> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while got.len() < want {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = tokio::time::timeout(left, node.next_event())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("event queue open");
+        if let LightningEvent::PaymentReceived { payment_hash, amount_msat, custom_tlvs } = event {
+            got.push((payment_hash, amount_msat, custom_tlvs));
+        }
+    }
+    got
+}
+
+async fn operator(d: &TestDaemon) -> OperatorClient<Authed> {
+    OperatorClient::with_interceptor(d.channel().await, Bearer(Some(d.operator_token.clone())))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_nodes_receive_exactly_what_the_channels_owe() {
+    let chain = DevChain::start().await.expect("dev chain");
+    let dirs =
+        (TestDir::new("settle-daemon-ln-"), TestDir::new("settle-c1-"), TestDir::new("settle-c2-"));
+    let daemon_node = Arc::new(
+        LdkBackend::start(node_config(&chain, &dirs.0, free_port(), vec![]))
+            .await
+            .expect("daemon node"),
+    );
+    let mut contributors = Vec::new();
+    for dir in [&dirs.1, &dirs.2] {
+        let port = free_port();
+        let node = LdkBackend::start(node_config(&chain, dir, port, vec![daemon_node.node_id()]))
+            .await
+            .expect("contributor node");
+        contributors.push((node, format!("127.0.0.1:{port}")));
+    }
+
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(data.path());
+    config.settlement.settle_every_secs = 86_400;
+    config.settlement.settle_threshold_msat = 1_000_000_000;
+    config.settlement.max_outstanding_msat = 1_000_000_000;
+    config.settlement.min_payout_msat = 1;
+    let options = StartOptions {
+        lightning: Some(daemon_node.clone() as DynLightningBackend),
+        settlement: EngineOptions {
+            tick: Duration::from_millis(200),
+            poll_interval: Duration::from_millis(100),
+            round_patience: Duration::from_secs(30),
+            ..EngineOptions::default()
+        },
+    };
+    let d = TestDaemon::start_with_options(config, options).await;
+    let mut op = operator(&d).await;
+
+    // Fund the daemon's node through the operator RPCs and the faucet.
+    let address = op
+        .new_onchain_address(pb::NewOnchainAddressRequest {})
+        .await
+        .expect("address")
+        .into_inner()
+        .address;
+    let address: Address = address.parse::<Address<_>>().expect("address").assume_checked();
+    chain.faucet(&address, Amount::from_sat(FUNDING_SATS)).expect("faucet");
+    chain.mine_blocks(1).expect("mine");
+    eventually("the daemon's funding", || async {
+        let _ = daemon_node.sync_wallets().await;
+        let b = op
+            .clone()
+            .get_onchain_balance(pb::GetOnchainBalanceRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        (b.spendable_sat >= FUNDING_SATS).then_some(())
+    })
+    .await;
+
+    // A private channel to each contributor node, opened through the operator RPC.
+    for (node, addr) in &contributors {
+        op.open_lightning_channel(pb::OpenLightningChannelRequest {
+            node_id: node.node_id().to_vec(),
+            address: addr.clone(),
+            amount_sat: CHANNEL_SATS,
+            push_msat: 0,
+            announce: false,
+        })
+        .await
+        .expect("open channel");
+        // One funding transaction at a time (each spends the wallet's change).
+        eventually("the funding transaction", || async { (chain.mempool_len() > 0).then_some(()) })
+            .await;
+        let txids = chain.mempool_txids();
+        wait_in_mempool(&chain, txids[0], "funding tx").await;
+        chain.mine_blocks(1).expect("mine");
+        let _ = daemon_node.sync_wallets().await;
+    }
+    chain.mine_blocks(6).expect("mine");
+    for (node, _) in &contributors {
+        let _ = node.sync_wallets().await;
+    }
+    let _ = daemon_node.sync_wallets().await;
+    eventually("both channels usable", || async {
+        let list = op
+            .clone()
+            .list_lightning_channels(pb::ListLightningChannelsRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        (list.channels.len() == 2 && list.channels.iter().all(|c| c.usable && !c.announced))
+            .then_some(())
+    })
+    .await;
+    let info = op.get_node_info(pb::GetNodeInfoRequest {}).await.expect("node info").into_inner();
+    assert_eq!(info.usable_channels, 2);
+
+    // Contributors registered with their nodes' ids; a model trained on their datasets.
+    setup_model(&d, MODEL, &OWNERS, 800_000).await;
+    let mut reg = d.registry(Some(&d.operator_token)).await;
+    for ((n, _), (node, _)) in OWNERS.iter().zip(&contributors) {
+        let r = ContributorRegistration {
+            network: Network::Regtest,
+            contributor_key: pubkey(*n),
+            node_id: Some(node.node_id()),
+            bolt12_offer: None,
+            registered_at: Timestamp(1_700_000_500),
+        };
+        reg.register_contributor(pb::RegisterContributorRequest {
+            signed_registration: Signed::sign(r, &keypair(*n), &[5; 32]).expect("sign").encode(),
+        })
+        .await
+        .expect("register node id");
+    }
+
+    let mut settled_before = [0u64; 2];
+    for round in 0..2u64 {
+        let mut meter = d.metering(Some(&d.provider_token)).await;
+        for i in 0..150u64 {
+            meter
+                .meter(usage_request(&format!("r{round}-{i}"), MODEL, 100_000 + 17 * i, 50_000 + i))
+                .await
+                .expect("meter");
+        }
+        d.running().flush().await;
+        let mut chans = d.channels(Some(&d.operator_token)).await;
+        let mut owed = [0u64; 2];
+        for (k, (n, _)) in OWNERS.iter().enumerate() {
+            let c = chans
+                .get_channel(pb::GetChannelRequest {
+                    contributor_key: pubkey(*n).to_bytes().to_vec(),
+                    channel_id: vec![],
+                })
+                .await
+                .expect("channel")
+                .into_inner();
+            let accrued: u128 = c.accrued_nsat.parse().expect("n");
+            owed[k] = u64::try_from(accrued / 1_000_000).expect("fits") - settled_before[k];
+            assert!(owed[k] > 0);
+        }
+
+        op.settle_now(pb::SettleNowRequest {}).await.expect("settle now");
+        let done = eventually("the round's settlements", || async {
+            let list = op
+                .clone()
+                .list_settlements(pb::ListSettlementsRequest {
+                    status: "succeeded".into(),
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (list.settlements.len() == 2 * (round as usize + 1)).then_some(list.settlements)
+        })
+        .await;
+
+        for (k, ((n, _), (node, _))) in OWNERS.iter().zip(&contributors).enumerate() {
+            let s = done
+                .iter()
+                .find(|s| {
+                    s.contributor_key == pubkey(*n).to_bytes().to_vec()
+                        && s.settlement_id > 2 * round
+                })
+                .expect("this round's settlement");
+            assert_eq!(s.amount_msat, owed[k], "contributor {n} round {round}");
+            assert_eq!(sha256::Hash::hash(&s.preimage).to_byte_array().to_vec(), s.payment_hash);
+            // What the contributor's node received: that amount, under that hash, with TLVs.
+            let got =
+                received(node, 1, &format!("contributor {n}'s payment in round {round}")).await;
+            let (hash, amount, tlvs) = &got[0];
+            assert_eq!(hash.to_vec(), s.payment_hash);
+            assert_eq!(*amount, s.amount_msat);
+            let tlv = |t| tlvs.iter().find(|(ty, _)| *ty == t).map(|(_, v)| v.clone());
+            assert_eq!(tlv(TLV_SETTLEMENT_ID), Some(s.settlement_id.to_be_bytes().to_vec()));
+            assert_eq!(tlv(TLV_CHANNEL_ID), Some(s.channel_id.clone()));
+            assert_eq!(tlv(TLV_STATE_SEQ), Some(s.state_seq.to_be_bytes().to_vec()));
+            // The signed state carries it, and the payee side accepts it.
+            let mut chans = d.channels(Some(&d.operator_token)).await;
+            let c = chans
+                .get_channel(pb::GetChannelRequest {
+                    contributor_key: pubkey(*n).to_bytes().to_vec(),
+                    channel_id: vec![],
+                })
+                .await
+                .expect("channel")
+                .into_inner();
+            let signed =
+                Signed::<ChannelState>::decode(&c.latest_state.expect("state").signed_state)
+                    .expect("state");
+            let params = ChannelParams {
+                network: Network::Regtest,
+                provider_key: d.running().provider_key,
+                contributor_key: pubkey(*n),
+                nonce: c.nonce.as_slice().try_into().expect("nonce"),
+            };
+            let state = PayeeChannel::new(&params)
+                .accept(signed)
+                .expect("accepted")
+                .latest()
+                .expect("latest")
+                .message;
+            assert_eq!(state.last_settlement_hash.to_vec(), s.payment_hash);
+            assert_eq!(Some(state.seq), s.settled_state_seq);
+            assert_eq!(state.settled_msat.0, settled_before[k] + s.amount_msat);
+            // Sub-msat remainder stays in the channel.
+            assert_eq!(
+                c.outstanding_nsat.parse::<u128>().expect("n"),
+                state.accrued_nsat.0 % 1_000_000
+            );
+            settled_before[k] = state.settled_msat.0;
+        }
+        // Conservation to the nsat.
+        let list = d
+            .channels(Some(&d.operator_token))
+            .await
+            .list_channels(pb::ListChannelsRequest {})
+            .await
+            .expect("list")
+            .into_inner()
+            .channels;
+        let accrued: u128 = list.iter().map(|c| c.accrued_nsat.parse::<u128>().expect("n")).sum();
+        let split: u128 = list
+            .iter()
+            .map(|c| {
+                u128::from(c.settled_msat) * 1_000_000
+                    + c.outstanding_nsat.parse::<u128>().expect("n")
+            })
+            .sum();
+        assert_eq!(accrued, db_total_pools(&d.db_path()));
+        assert_eq!(split, accrued);
+    }
+
+    let mut d = d;
+    d.stop().await;
+    for (node, _) in &contributors {
+        node.stop().await.expect("stop contributor node");
+    }
+    daemon_node.stop().await.expect("stop daemon node");
+    chain.shutdown().await;
+}
