@@ -124,6 +124,10 @@ pub struct GlobalArgs {
     /// PEM CA certificate for an https:// daemon [env: TRIBUTE_CLI_TLS_CA].
     #[arg(long, global = true, value_name = "PATH")]
     pub tls_ca: Option<PathBuf>,
+    /// Name to check the daemon's certificate against, if not the URL's host
+    /// [env: TRIBUTE_CLI_TLS_DOMAIN].
+    #[arg(long, global = true, value_name = "NAME")]
+    pub tls_domain: Option<String>,
     /// Contributor directory (key, records) [env: TRIBUTE_CLI_HOME; default ~/.tribute].
     #[arg(long, global = true, value_name = "DIR")]
     pub home: Option<PathBuf>,
@@ -140,6 +144,9 @@ impl GlobalArgs {
         }
         if let Some(v) = &self.tls_ca {
             f = f.merge(Serialized::default("tls_ca", v));
+        }
+        if let Some(v) = &self.tls_domain {
+            f = f.merge(Serialized::default("tls_domain", v));
         }
         if let Some(v) = &self.home {
             f = f.merge(Serialized::default("home", v));

@@ -432,3 +432,74 @@ async fn run_follows_the_channel_and_status_reads_the_nodes_own_records() {
     assert_eq!(field(&stdout(&o), "accrued_nsat"), want.accrued_nsat);
     d.shutdown().await.expect("stops");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_daemon_with_a_private_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_path, cert.cert.pem()).expect("cert");
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("key");
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let wrong_ca = dir.path().join("wrong-ca.pem");
+    std::fs::write(&wrong_ca, other.cert.pem()).expect("cert");
+    let config = Config {
+        data_dir: dir.path().join("daemon"),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        metrics_listen: None,
+        tls: Some(tribute_daemon::config::TlsConfig { cert_path: cert_path.clone(), key_path }),
+        ..Config::default()
+    };
+    let d = server::start(config).await.expect("daemon starts");
+    let url = format!("https://{}", d.grpc_addr);
+    let home = dir.path().join("dora");
+    assert!(tribute(&home, &url, &["contributor", "init"], &[]).await.status.success());
+    let ca = cert_path.to_str().expect("utf-8");
+    let domain = [("TRIBUTE_CLI_TLS_DOMAIN", "localhost")];
+
+    let o = tribute(&home, &url, &["--tls-ca", ca, "contributor", "licences"], &domain).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "no licences");
+    let o = tribute(
+        &home,
+        &url,
+        &["--tls-ca", ca, "--tls-domain", "localhost", "contributor", "licences"],
+        &[],
+    )
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let o = tribute(&home, &url, &["contributor", "licences"], &domain).await;
+    assert!(stderr(&o).contains("--tls-ca"), "{}", stderr(&o));
+    let wrong = wrong_ca.to_str().expect("utf-8");
+    let o = tribute(&home, &url, &["--tls-ca", wrong, "contributor", "licences"], &domain).await;
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cannot connect"), "{}", stderr(&o));
+
+    // The provider SDK over TLS: the daemon's verdict comes back.
+    let prov = d
+        .tokens
+        .create(Role::Provider, None, "p", None, tribute_client::time::unix_now())
+        .expect("token")
+        .secret;
+    let o = tribute(
+        &home,
+        &url,
+        &[
+            "--tls-ca",
+            ca,
+            "provider",
+            "meter",
+            "--model",
+            "m",
+            "--request-id",
+            "r",
+            "--price-nsat",
+            "9",
+        ],
+        &[("TRIBUTE_CLI_TLS_DOMAIN", "localhost"), ("TRIBUTE_CLI_TOKEN", &prov)],
+    )
+    .await;
+    assert!(stderr(&o).contains("NOT_FOUND UNKNOWN_MODEL"), "{}", stderr(&o));
+    d.shutdown().await.expect("stops");
+}
