@@ -229,7 +229,12 @@ pub enum ChainSource {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LightningConfig {
-    /// `devchain`, `bitcoind_rpc` or `esplora`.
+    /// Run the embedded Lightning node (and settle through it). Off: metering and streaming
+    /// only, nothing is paid out.
+    pub enabled: bool,
+    /// `devchain` (a dev chain's RPC, e.g. `tributed devchain`, at `bitcoind_rpc_host` /
+    /// `bitcoind_rpc_port`, credentials `devchain`/`devchain` unless set), `bitcoind_rpc`
+    /// or `esplora`.
     pub chain_source: ChainSource,
     /// bitcoind RPC host (`chain_source = "bitcoind_rpc"`).
     pub bitcoind_rpc_host: String,
@@ -248,6 +253,7 @@ pub struct LightningConfig {
 impl Default for LightningConfig {
     fn default() -> Self {
         LightningConfig {
+            enabled: false,
             chain_source: ChainSource::Devchain,
             bitcoind_rpc_host: "127.0.0.1".into(),
             bitcoind_rpc_port: 18443,
@@ -255,6 +261,29 @@ impl Default for LightningConfig {
             bitcoind_rpc_password: None,
             esplora_url: None,
             listen_port: 9735,
+        }
+    }
+}
+
+impl LightningConfig {
+    /// Where the embedded node reads the chain (the config is validated).
+    pub fn chain_source_config(&self) -> crate::lightning::ChainSourceConfig {
+        use crate::lightning::ChainSourceConfig as C;
+        let rpc = |user: &str, password: &str| C::BitcoindRpc {
+            host: self.bitcoind_rpc_host.clone(),
+            port: self.bitcoind_rpc_port,
+            user: self.bitcoind_rpc_user.clone().unwrap_or_else(|| user.to_owned()),
+            password: self
+                .bitcoind_rpc_password
+                .as_ref()
+                .map_or_else(|| password.to_owned(), |p| p.expose().to_owned()),
+        };
+        match self.chain_source {
+            ChainSource::Devchain => rpc("devchain", "devchain"),
+            ChainSource::BitcoindRpc => rpc("", ""),
+            ChainSource::Esplora => {
+                C::Esplora { url: self.esplora_url.clone().unwrap_or_default() }
+            }
         }
     }
 }

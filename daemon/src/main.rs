@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use tribute_channels::{PublicKey, Timestamp};
 use tribute_daemon::auth::{Role, TokenStore};
 use tribute_daemon::config::{Config, ConfigArgs};
+use tribute_daemon::devchain::{DevChain, DevChainConfig};
 use tribute_daemon::ledger::unix_now;
 use tribute_daemon::{server, store};
 
@@ -48,6 +49,17 @@ enum Command {
     Backup {
         /// Destination file.
         dest: PathBuf,
+    },
+    /// Run the regtest simulator on its own, for Lightning nodes in other processes
+    /// (`lightning.chain_source = "devchain"`). It validates no scripts and does no real
+    /// proof of work: never for real money. Runs until SIGINT/SIGTERM.
+    Devchain {
+        /// RPC port on 127.0.0.1.
+        #[arg(long, default_value_t = 18443)]
+        rpc_port: u16,
+        /// Mine a block this often, in seconds (0: only when asked through RPC).
+        #[arg(long, default_value_t = 1)]
+        mine_every_secs: u64,
     },
 }
 
@@ -166,6 +178,31 @@ async fn run(cli: Cli) -> Result<(), String> {
                     println!("revoked {token_id}");
                 }
             }
+            Ok(())
+        }
+        Command::Devchain { rpc_port, mine_every_secs } => {
+            init_tracing(&config);
+            let chain = DevChain::start_with(DevChainConfig {
+                rpc_bind_addr: std::net::SocketAddr::from((
+                    std::net::Ipv4Addr::LOCALHOST,
+                    rpc_port,
+                )),
+                ..DevChainConfig::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            if mine_every_secs > 0 {
+                chain.start_auto_mining(std::time::Duration::from_secs(mine_every_secs));
+            }
+            println!(
+                "dev chain: RPC http://{} user {} password {}, height {}",
+                chain.rpc_addr(),
+                chain.rpc_user(),
+                chain.rpc_password(),
+                chain.height()
+            );
+            shutdown_signal().await;
+            chain.shutdown().await;
             Ok(())
         }
         Command::Backup { dest } => {

@@ -15,7 +15,7 @@ use crate::grpc::{
 use crate::hub::Hub;
 use crate::keys;
 use crate::ledger::{Ledger, LedgerConfig, LedgerHandle};
-use crate::lightning::DynLightningBackend;
+use crate::lightning::{DynLightningBackend, LdkBackend, LdkBackendConfig};
 use crate::metrics::{self, Metrics};
 use crate::registry::Registry;
 use crate::settlement::{EngineOptions, SettlementControl, SettlementEngine};
@@ -67,6 +67,8 @@ pub mod files {
     pub const PROVIDER_KEY: &str = "provider.key";
     /// The secret keysend preimages are derived from.
     pub const SETTLEMENT_SECRET: &str = "settlement.secret";
+    /// The embedded Lightning node's directory (seed, channel state, logs).
+    pub const LIGHTNING_DIR: &str = "ldk";
 }
 
 /// The database path of a data directory.
@@ -218,6 +220,25 @@ pub async fn start_with(
             sign_interval: Duration::from_millis(config.meter.stream_interval_ms),
         },
     )?;
+    // The embedded Lightning node, when configured and none was given.
+    let mut own_node = None;
+    let mut options = options;
+    if options.lightning.is_none() && config.lightning.enabled {
+        let mut ln = LdkBackendConfig::new(
+            config.data_dir.join(files::LIGHTNING_DIR),
+            config.network.to_bitcoin(),
+            config.lightning.chain_source_config(),
+        );
+        ln.listening_addresses = vec![format!("0.0.0.0:{}", config.lightning.listen_port)];
+        let node = Arc::new(
+            LdkBackend::start(ln)
+                .await
+                .map_err(|e| DaemonError::Config(format!("lightning node: {e}")))?,
+        );
+        tracing::info!(node_id = %hex::encode(node.node_id()), "lightning node started");
+        options.lightning = Some(node.clone() as DynLightningBackend);
+        own_node = Some(node);
+    }
     let settlement = SettlementControl::default();
     let (stop_engine, engine_stopped) = tokio::sync::watch::channel(false);
     let engine = match options.lightning.clone() {
@@ -368,6 +389,11 @@ pub async fn start_with(
                 // Mid-payment: stop it where it is, as a crash would (the saga allows it).
                 engine.abort();
                 let _ = engine.await;
+            }
+        }
+        if let Some(node) = own_node {
+            if let Err(e) = node.stop().await {
+                tracing::warn!("stopping the lightning node: {e}");
             }
         }
         // The router (and every ledger handle in it) is gone: drain and stop the writer.

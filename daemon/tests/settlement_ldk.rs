@@ -331,3 +331,86 @@ async fn real_nodes_receive_exactly_what_the_channels_owe() {
     daemon_node.stop().await.expect("stop daemon node");
     chain.shutdown().await;
 }
+
+/// `lightning.enabled` with the dev chain as chain source: the daemon runs its own node (seed
+/// in its data dir), the operator RPCs reach it, and it stops with the daemon.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_runs_its_own_node_from_config() {
+    let chain = DevChain::start().await.expect("dev chain");
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(data.path());
+    config.lightning.enabled = true;
+    config.lightning.bitcoind_rpc_host = chain.rpc_addr().ip().to_string();
+    config.lightning.bitcoind_rpc_port = chain.rpc_addr().port();
+    config.lightning.listen_port = free_port();
+    let mut d = TestDaemon::start_with(config.clone()).await;
+    let info = operator(&d)
+        .await
+        .get_node_info(pb::GetNodeInfoRequest {})
+        .await
+        .expect("info")
+        .into_inner();
+    assert_eq!(info.node_id.len(), 33);
+    assert_eq!(info.network, "regtest");
+    d.stop().await;
+    assert!(data.path().join("ldk").is_dir(), "the node's data is in the daemon's data dir");
+    // Same seed after a restart: the same node.
+    let mut d = TestDaemon::start_with(config).await;
+    let again = operator(&d)
+        .await
+        .get_node_info(pb::GetNodeInfoRequest {})
+        .await
+        .expect("info")
+        .into_inner();
+    assert_eq!(again.node_id, info.node_id);
+    d.stop().await;
+    chain.shutdown().await;
+}
+
+/// `tributed devchain` serves the chain to nodes in other processes until SIGTERM.
+#[tokio::test(flavor = "multi_thread")]
+async fn tributed_devchain_serves_rpc_until_terminated() {
+    use std::io::BufRead;
+    let port = free_port();
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tributed"))
+        .args([
+            "--data-dir",
+            data.path().to_str().expect("utf-8"),
+            "devchain",
+            "--rpc-port",
+            &port.to_string(),
+            "--mine-every-secs",
+            "0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn tributed devchain");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    assert!(line.contains(&format!("127.0.0.1:{port}")) && line.contains("height 101"), "{line}");
+    // A node in this process uses it as its chain source.
+    let dir = TestDir::new("devchain-cli-");
+    let node = LdkBackend::start(LdkBackendConfig::new(
+        dir.path.clone(),
+        ldk_node::bitcoin::Network::Regtest,
+        ChainSourceConfig::BitcoindRpc {
+            host: "127.0.0.1".into(),
+            port,
+            user: "devchain".into(),
+            password: "devchain".into(),
+        },
+    ))
+    .await
+    .expect("node on the CLI's dev chain");
+    let info = node.node_info().await.expect("info");
+    assert_eq!(info.block_height, 101);
+    node.stop().await.expect("stop");
+    let pid = child.id().to_string();
+    std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status}");
+}
