@@ -41,6 +41,32 @@ impl TestDaemon {
 
     /// Starts on `listen` (a restart on the address a daemon had before).
     pub async fn start_on(dir: &Path, listen: std::net::SocketAddr) -> TestDaemon {
+        Self::start_with(dir, listen, server::StartOptions::default()).await
+    }
+
+    /// Starts paying settlements through a scripted Lightning backend (every payment
+    /// succeeds), settling only when asked (`running().settlement.settle_now_and_wait()`)
+    /// and from 1 msat on.
+    pub async fn start_settling(
+        dir: &Path,
+    ) -> (TestDaemon, std::sync::Arc<tribute_daemon::lightning::ScriptedBackend>) {
+        let backend = std::sync::Arc::new(tribute_daemon::lightning::ScriptedBackend::new());
+        let options = server::StartOptions {
+            lightning: Some(backend.clone()),
+            settlement: tribute_daemon::settlement::EngineOptions {
+                tick: Duration::from_millis(50),
+                poll_interval: Duration::from_millis(20),
+                ..Default::default()
+            },
+        };
+        (Self::start_with(dir, "127.0.0.1:0".parse().unwrap(), options).await, backend)
+    }
+
+    pub async fn start_with(
+        dir: &Path,
+        listen: std::net::SocketAddr,
+        options: server::StartOptions,
+    ) -> TestDaemon {
         let mut c = Config {
             data_dir: dir.to_path_buf(),
             listen,
@@ -48,7 +74,10 @@ impl TestDaemon {
             ..Config::default()
         };
         c.meter.stream_interval_ms = 20;
-        let daemon = server::start(c).await.expect("daemon starts");
+        c.settlement.min_payout_msat = 1;
+        c.settlement.settle_threshold_msat = 1_000_000_000;
+        c.settlement.max_outstanding_msat = 1_000_000_000;
+        let daemon = server::start_with(c, options).await.expect("daemon starts");
         let token = |role| daemon.tokens.create(role, None, "test", None, now()).unwrap().secret;
         let (provider_token, operator_token) = (token(Role::Provider), token(Role::Operator));
         TestDaemon { daemon: Some(daemon), dir: dir.to_path_buf(), provider_token, operator_token }

@@ -361,3 +361,66 @@ async fn states_tampered_on_the_wire_are_refused_kept_and_reported_while_the_nod
     assert_eq!(st.accrued_nsat().0.to_string(), w.d.channel_of(w.alice).await.accrued_nsat);
     stop((stop_tx, node_task)).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_keeps_settlements_and_catches_up_after_missing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, backend) = TestDaemon::start_settling(&dir.path().join("daemon")).await;
+    let mut datasets = Vec::new();
+    let mut alice = None;
+    for (i, name) in ["alice", "bob"].iter().enumerate() {
+        let home = dir.path().join(name);
+        std::fs::create_dir_all(&home).unwrap();
+        let (k, h) = contributor_with_dataset(&d, &home, name).await;
+        alice.get_or_insert(k);
+        datasets.push((h, i as u64 + 2));
+    }
+    setup_model(&d, MODEL, &datasets, 700_000).await;
+    let provider =
+        Provider::connect(ProviderConfig::new(d.endpoint(), &d.provider_token)).await.unwrap();
+    let w = World { dir, d, alice: alice.unwrap(), provider };
+
+    // A settlement while the node runs: it keeps the notices and the settled state.
+    let n = w.start_node();
+    w.meter("a", 30).await;
+    w.node_reaches(w.daemon_accrued().await).await;
+    w.d.running().settlement.settle_now_and_wait().await;
+    let settled = w.d.channel_of(w.alice).await.settled_msat;
+    assert!(settled > 0, "something was settled");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let st = loop {
+        let st = NodeStore::open(&w.store_path()).unwrap().status().unwrap();
+        if st.settled_msat().0 == settled && st.noticed_succeeded_msat().0 == settled {
+            break st;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "node never saw the settlement: {st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let latest = st.channels[0].latest.unwrap().message;
+    assert_ne!(latest.last_settlement_hash, [0; 32]);
+    assert!(st
+        .settlements
+        .iter()
+        .any(|s| s.state == "succeeded" && s.payment_hash == latest.last_settlement_hash.to_vec()));
+    assert!(st.rejections.is_empty(), "{:?}", st.rejections);
+
+    // Stopped during metering and a settlement, started again: it catches up to the latest
+    // signed state, settled amount included.
+    stop(n).await;
+    w.meter("b", 30).await;
+    w.d.running().settlement.settle_now_and_wait().await;
+    w.meter("c", 5).await;
+    let n = w.start_node();
+    let accrued = w.daemon_accrued().await;
+    let st = w.node_reaches(accrued).await;
+    let c = w.d.channel_of(w.alice).await;
+    assert!(c.settled_msat > settled, "a second settlement happened");
+    assert_eq!(st.settled_msat().0, c.settled_msat);
+    assert_eq!(st.outstanding_nsat().0.to_string(), c.outstanding_nsat);
+    assert!(st.rejections.is_empty(), "{:?}", st.rejections);
+    // Settlement notices are only streamed live: the one sent while the node was down is
+    // not in its records (see the report); the signed state carries the settled amount.
+    assert_eq!(st.noticed_succeeded_msat().0, settled);
+    assert!(backend.sent_payments().len() >= 2);
+    stop(n).await;
+}
