@@ -326,6 +326,21 @@ fn print_status(st: &NodeStatus) {
         st.noticed_succeeded_msat().0,
         pending
     );
+    for c in st.claimed_without_notice() {
+        println!(
+            "discrepancy:      state seq {} claims settlement {} (+{} msat) with no succeeded notice",
+            c.seq,
+            hex::encode(c.payment_hash),
+            c.settled_increase_msat
+        );
+    }
+    for n in st.notices_without_state() {
+        println!(
+            "discrepancy:      succeeded notice {} ({} msat) not yet in a signed state",
+            hex::encode(&n.payment_hash),
+            n.amount_msat
+        );
+    }
     if st.settled_msat() != st.noticed_succeeded_msat() {
         println!(
             "discrepancy:      signed states say {} msat settled, succeeded notices {} msat",

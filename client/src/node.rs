@@ -146,6 +146,19 @@ pub struct SettlementRecord {
     pub payment_hash: Vec<u8>,
 }
 
+/// A settlement a signed state claims (its `last_settlement_hash` changed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedSettlement {
+    /// The channel.
+    pub channel_id: ChannelId,
+    /// The first stored state that carried this hash.
+    pub seq: u64,
+    /// The newest settlement's payment hash.
+    pub payment_hash: [u8; 32],
+    /// Settled increase since the previous stored state.
+    pub settled_increase_msat: u64,
+}
+
 /// What `tribute contributor status` reports, from the node's records only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeStatus {
@@ -157,6 +170,8 @@ pub struct NodeStatus {
     pub settlements: Vec<SettlementRecord>,
     /// Every refused state.
     pub rejections: Vec<RejectionRecord>,
+    /// Settlements claimed by accepted states.
+    pub claimed: Vec<ClaimedSettlement>,
 }
 
 impl NodeStatus {
@@ -194,13 +209,32 @@ impl NodeStatus {
         )
     }
 
+    /// Settlements a signed state claims with no `succeeded` notice for its payment hash
+    /// (the node was offline, or the notice never came).
+    pub fn claimed_without_notice(&self) -> impl Iterator<Item = &ClaimedSettlement> {
+        self.claimed.iter().filter(|c| {
+            !self
+                .settlements
+                .iter()
+                .any(|n| n.state == "succeeded" && n.payment_hash == c.payment_hash)
+        })
+    }
+
+    /// `succeeded` notices whose payment hash no accepted state carries (yet).
+    pub fn notices_without_state(&self) -> impl Iterator<Item = &SettlementRecord> {
+        self.settlements.iter().filter(|n| {
+            n.state == "succeeded" && !self.claimed.iter().any(|c| n.payment_hash == c.payment_hash)
+        })
+    }
+
     /// Proofs of provider misbehaviour.
     pub fn proofs(&self) -> impl Iterator<Item = &RejectionRecord> {
         self.rejections.iter().filter(|r| r.is_proof)
     }
 }
 
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE channels (
     channel_id BLOB PRIMARY KEY,
@@ -232,7 +266,20 @@ CREATE TABLE rejections (
     received BLOB NOT NULL,
     at INTEGER NOT NULL
 );
-"];
+",
+    "
+-- Every accepted state's settlement fields, to match settlements to the states that claim
+-- them (and, later, Lightning payments by payment hash).
+CREATE TABLE states (
+    channel_id BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    settled_msat INTEGER NOT NULL,
+    last_settlement_hash BLOB NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (channel_id, seq)
+);
+",
+];
 
 fn i64_of(v: u64, what: &str) -> Result<i64, String> {
     i64::try_from(v).map_err(|_| format!("{what} {v} does not fit a SQLite integer"))
@@ -456,7 +503,58 @@ impl NodeStore {
             params![s.channel_id.0.as_slice(), values.0, values.1, values.2, values.3, state.encode(), values.4],
         )
         .map_err(err)?;
+        tx.execute(
+            "INSERT INTO states (channel_id, seq, settled_msat, last_settlement_hash, received_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![s.channel_id.0.as_slice(), values.0, values.3, s.last_settlement_hash.as_slice(), values.4],
+        )
+        .map_err(err)?;
         tx.commit().map_err(err)
+    }
+
+    /// Settlements the accepted states claim: each time a stored state's settlement hash
+    /// changed, the hash and the settled increase since the previous stored state (which
+    /// covers more than one settlement if states were coalesced in between).
+    pub fn claimed_settlements(&self) -> Result<Vec<ClaimedSettlement>, NodeError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT channel_id, seq, settled_msat, last_settlement_hash FROM states ORDER BY channel_id, seq")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                ))
+            })
+            .map_err(self.err())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.err())?;
+        let mut out = Vec::new();
+        let mut prev: Option<(Vec<u8>, i64, Vec<u8>)> = None;
+        for (channel, seq, settled, hash) in rows {
+            let (prev_settled, prev_hash) = match &prev {
+                Some((c, s, h)) if *c == channel => (*s, h.clone()),
+                _ => (0, vec![0; 32]),
+            };
+            if hash != prev_hash {
+                let id: [u8; 32] = channel
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| self.corrupt("channel id is not 32 bytes"))?;
+                let payment_hash: [u8; 32] =
+                    hash.as_slice().try_into().map_err(|_| self.corrupt("hash is not 32 bytes"))?;
+                out.push(ClaimedSettlement {
+                    channel_id: ChannelId(id),
+                    seq: seq.max(0) as u64,
+                    payment_hash,
+                    settled_increase_msat: (settled - prev_settled).max(0) as u64,
+                });
+            }
+            prev = Some((channel, settled, hash));
+        }
+        Ok(out)
     }
 
     /// Keeps a settlement notice (each (id, state) once).
@@ -565,7 +663,13 @@ impl NodeStore {
                 })
             })
             .collect::<Result<Vec<_>, NodeError>>()?;
-        Ok(NodeStatus { identity: self.identity()?, channels, settlements, rejections })
+        Ok(NodeStatus {
+            identity: self.identity()?,
+            channels,
+            settlements,
+            rejections,
+            claimed: self.claimed_settlements()?,
+        })
     }
 }
 

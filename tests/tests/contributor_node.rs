@@ -402,6 +402,9 @@ async fn node_keeps_settlements_and_catches_up_after_missing_one() {
         .settlements
         .iter()
         .any(|s| s.state == "succeeded" && s.payment_hash == latest.last_settlement_hash.to_vec()));
+    assert_eq!(st.claimed.len(), 1);
+    assert_eq!(st.claimed[0].settled_increase_msat, settled);
+    assert_eq!(st.claimed_without_notice().count(), 0);
     assert!(st.rejections.is_empty(), "{:?}", st.rejections);
 
     // Stopped during metering and a settlement, started again: it catches up to the latest
@@ -419,8 +422,14 @@ async fn node_keeps_settlements_and_catches_up_after_missing_one() {
     assert_eq!(st.outstanding_nsat().0.to_string(), c.outstanding_nsat);
     assert!(st.rejections.is_empty(), "{:?}", st.rejections);
     // Settlement notices are only streamed live: the one sent while the node was down is
-    // not in its records (see the report); the signed state carries the settled amount.
+    // not in its records; the signed state carries the settled amount, and status names
+    // the settlement it claims without a notice.
     assert_eq!(st.noticed_succeeded_msat().0, settled);
+    let missed: Vec<_> = st.claimed_without_notice().collect();
+    assert_eq!(missed.len(), 1, "{:?}", st.claimed);
+    assert_eq!(missed[0].payment_hash, st.channels[0].latest.unwrap().message.last_settlement_hash);
+    assert_eq!(missed[0].settled_increase_msat, c.settled_msat - settled);
+    assert_eq!(st.notices_without_state().count(), 0);
     assert!(backend.sent_payments().len() >= 2);
     stop(n).await;
 }
