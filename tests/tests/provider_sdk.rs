@@ -179,26 +179,33 @@ async fn meter_stream_resends_unanswered_requests_after_a_drop_and_accrues_each_
     p.meter(&Meter::usage("warm-up-request", MODEL, 1, 1).unwrap()).await.unwrap();
     let base = accrued(&s).await;
     const N: u64 = 300;
-    // Requests trickle in so that the break lands in the middle of the stream.
+    // The first 150 requests go out; the rest only once the fault is armed, so the break
+    // lands in the middle of the stream however fast or slow the machine is.
     let proxy_fault = std::sync::Arc::new(s.proxy.broken.clone());
     let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let (armed_tx, armed_rx) = tokio::sync::oneshot::channel::<()>();
     let feeder = tokio::spawn(async move {
+        let mut armed_rx = Some(armed_rx);
         for i in 0..N {
-            let _ = tx.send(Meter::usage(&format!("s-{i}"), MODEL, i, 2 * i).unwrap()).await;
-            if i % 20 == 19 {
-                tokio::time::sleep(Duration::from_millis(30)).await;
+            if i == 150 {
+                if let Some(rx) = armed_rx.take() {
+                    let _ = rx.await;
+                }
             }
+            let _ = tx.send(Meter::usage(&format!("s-{i}"), MODEL, i, 2 * i).unwrap()).await;
         }
     });
     let mut out = p.meter_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     let mut answers = Vec::new();
-    let mut armed = false;
+    let mut armed_tx = Some(armed_tx);
     while let Some(a) = out.next().await {
         let a = a.expect("every request answered");
         answers.push(a);
-        if answers.len() == 100 && !armed {
+        if answers.len() == 100 {
             s.proxy.arm(Fault::DropAnswer);
-            armed = true;
+            if let Some(t) = armed_tx.take() {
+                let _ = t.send(());
+            }
         }
     }
     feeder.await.unwrap();
