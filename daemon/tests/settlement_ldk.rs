@@ -66,25 +66,27 @@ where
     }
 }
 
-/// The payments a contributor node received: (payment hash, amount, TLVs).
+/// The payment with `hash` a contributor node received: (payment hash, amount, TLVs).
+/// Other payments' events (a restarted node replays those it had not acknowledged) are
+/// skipped.
 async fn received(
     node: &LdkBackend,
-    want: usize,
+    hash: &[u8],
     what: &str,
-) -> Vec<([u8; 32], u64, Vec<(u64, Vec<u8>)>)> {
-    let mut got = Vec::new();
+) -> ([u8; 32], u64, Vec<(u64, Vec<u8>)>) {
     let deadline = Instant::now() + WAIT;
-    while got.len() < want {
+    loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let event = tokio::time::timeout(left, node.next_event())
             .await
             .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
             .expect("event queue open");
         if let LightningEvent::PaymentReceived { payment_hash, amount_msat, custom_tlvs } = event {
-            got.push((payment_hash, amount_msat, custom_tlvs));
+            if payment_hash.as_slice() == hash {
+                return (payment_hash, amount_msat, custom_tlvs);
+            }
         }
     }
-    got
 }
 
 async fn operator(d: &TestDaemon) -> OperatorClient<Authed> {
@@ -102,12 +104,13 @@ async fn real_nodes_receive_exactly_what_the_channels_owe() {
             .expect("daemon node"),
     );
     let mut contributors = Vec::new();
+    let mut contributor_configs = Vec::new();
     for dir in [&dirs.1, &dirs.2] {
         let port = free_port();
-        let node = LdkBackend::start(node_config(&chain, dir, port, vec![daemon_node.node_id()]))
-            .await
-            .expect("contributor node");
+        let cfg = node_config(&chain, dir, port, vec![daemon_node.node_id()]);
+        let node = LdkBackend::start(cfg.clone()).await.expect("contributor node");
         contributors.push((node, format!("127.0.0.1:{port}")));
+        contributor_configs.push(cfg);
     }
 
     let data = tempfile::tempdir().expect("tempdir");
@@ -122,6 +125,7 @@ async fn real_nodes_receive_exactly_what_the_channels_owe() {
             tick: Duration::from_millis(200),
             poll_interval: Duration::from_millis(100),
             round_patience: Duration::from_secs(30),
+            failure_backoff: Duration::from_secs(1),
             ..EngineOptions::default()
         },
     };
@@ -258,9 +262,13 @@ async fn real_nodes_receive_exactly_what_the_channels_owe() {
             assert_eq!(s.amount_msat, owed[k], "contributor {n} round {round}");
             assert_eq!(sha256::Hash::hash(&s.preimage).to_byte_array().to_vec(), s.payment_hash);
             // What the contributor's node received: that amount, under that hash, with TLVs.
-            let got =
-                received(node, 1, &format!("contributor {n}'s payment in round {round}")).await;
-            let (hash, amount, tlvs) = &got[0];
+            let got = received(
+                node,
+                &s.payment_hash,
+                &format!("contributor {n}'s payment in round {round}"),
+            )
+            .await;
+            let (hash, amount, tlvs) = &got;
             assert_eq!(hash.to_vec(), s.payment_hash);
             assert_eq!(*amount, s.amount_msat);
             let tlv = |t| tlvs.iter().find(|(ty, _)| *ty == t).map(|(_, v)| v.clone());
@@ -322,6 +330,56 @@ async fn real_nodes_receive_exactly_what_the_channels_owe() {
         assert_eq!(accrued, db_total_pools(&d.db_path()));
         assert_eq!(split, accrued);
     }
+
+    // A contributor node offline during a round: its settlement fails definitely, the amount
+    // stays owed, and after the node is back a later round pays it.
+    let (offline, _) = contributors.remove(0);
+    offline.stop().await.expect("stop contributor node");
+    let mut meter = d.metering(Some(&d.provider_token)).await;
+    for i in 0..100u64 {
+        meter
+            .meter(usage_request(&format!("off-{i}"), MODEL, 90_000 + i, 40_000))
+            .await
+            .expect("meter");
+    }
+    op.settle_now(pb::SettleNowRequest {}).await.expect("settle now");
+    let failed = eventually("the offline contributor's settlement to fail", || async {
+        let list = op
+            .clone()
+            .list_settlements(pb::ListSettlementsRequest {
+                status: "failed".into(),
+                ..Default::default()
+            })
+            .await
+            .ok()?
+            .into_inner();
+        list.settlements.into_iter().next()
+    })
+    .await;
+    assert_eq!(failed.contributor_key, pubkey(OWNERS[0].0).to_bytes().to_vec());
+    let back = LdkBackend::start(contributor_configs[0].clone()).await.expect("node back");
+    let retried = eventually("the owed amount to be paid once the node is back", || async {
+        let list = op
+            .clone()
+            .list_settlements(pb::ListSettlementsRequest {
+                status: "succeeded".into(),
+                contributor_key: pubkey(OWNERS[0].0).to_bytes().to_vec(),
+                ..Default::default()
+            })
+            .await
+            .ok()?
+            .into_inner();
+        list.settlements.into_iter().find(|s| s.settlement_id > failed.settlement_id)
+    })
+    .await;
+    // Nothing accrued in between: the retry pays exactly what the failed settlement owed.
+    assert_eq!(retried.amount_msat, failed.amount_msat);
+    let got =
+        received(&back, &retried.payment_hash, "the retried payment on the node that came back")
+            .await;
+    assert_eq!(got.0.to_vec(), retried.payment_hash);
+    assert_eq!(got.1, retried.amount_msat);
+    back.stop().await.expect("stop");
 
     let mut d = d;
     d.stop().await;
