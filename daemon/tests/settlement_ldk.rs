@@ -24,7 +24,9 @@ use tribute_daemon::lightning::{
     LightningEvent,
 };
 use tribute_daemon::server::StartOptions;
-use tribute_daemon::settlement::{EngineOptions, TLV_CHANNEL_ID, TLV_SETTLEMENT_ID, TLV_STATE_SEQ};
+use tribute_daemon::settlement::{
+    EngineOptions, FaultPoint, TLV_CHANNEL_ID, TLV_SETTLEMENT_ID, TLV_STATE_SEQ,
+};
 use tribute_proto::v1 as pb;
 use tribute_proto::v1::operator_client::OperatorClient;
 
@@ -471,4 +473,207 @@ async fn tributed_devchain_serves_rpc_until_terminated() {
     std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
     let status = child.wait().expect("wait");
     assert!(status.success(), "{status}");
+}
+
+/// What a contributor node holds as received: (payment hash, amount) of each succeeded
+/// inbound payment, from the node's own payment store.
+fn inbound(node: &LdkBackend) -> Vec<([u8; 32], u64)> {
+    use ldk_node::payment::{PaymentDirection, PaymentKind, PaymentStatus};
+    node.node()
+        .list_payments_with_filter(|p| {
+            p.direction == PaymentDirection::Inbound && p.status == PaymentStatus::Succeeded
+        })
+        .into_iter()
+        .filter_map(|p| match p.kind {
+            PaymentKind::Spontaneous { hash, .. } => Some((hash.0, p.amount_msat.unwrap_or(0))),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A crash at each step of the saga with real nodes: the daemon stops dead at a fault point
+/// (after the intent, after the payment was handed to the node, before finalizing), then
+/// the daemon and its Lightning node are stopped and started again from their data dirs.
+/// Each settlement ends paid exactly once, as the receiving nodes' own records show.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_at_each_step_pays_exactly_once_on_real_nodes() {
+    let chain = DevChain::start().await.expect("dev chain");
+    let dirs =
+        (TestDir::new("crash-daemon-ln-"), TestDir::new("crash-c1-"), TestDir::new("crash-c2-"));
+    let daemon_node_config = node_config(&chain, &dirs.0, free_port(), vec![]);
+    let mut daemon_node =
+        Arc::new(LdkBackend::start(daemon_node_config.clone()).await.expect("daemon node"));
+    let mut contributors = Vec::new();
+    for dir in [&dirs.1, &dirs.2] {
+        let port = free_port();
+        let node = LdkBackend::start(node_config(&chain, dir, port, vec![daemon_node.node_id()]))
+            .await
+            .expect("contributor node");
+        contributors.push((node, format!("127.0.0.1:{port}")));
+    }
+    // Fund the daemon's node and open a private channel to each contributor node.
+    let address = daemon_node.onchain_address().await.expect("address");
+    chain.faucet(&address, Amount::from_sat(FUNDING_SATS)).expect("faucet");
+    chain.mine_blocks(1).expect("mine");
+    eventually("funding", || async {
+        let _ = daemon_node.sync_wallets().await;
+        (daemon_node.onchain_balance().await.ok()?.spendable_sat >= FUNDING_SATS).then_some(())
+    })
+    .await;
+    for (node, addr) in &contributors {
+        daemon_node.connect(node.node_id(), addr).await.expect("connect");
+        daemon_node
+            .open_channel(tribute_daemon::lightning::OpenChannelRequest {
+                node_id: node.node_id(),
+                addr: addr.clone(),
+                amount_sat: CHANNEL_SATS,
+                push_msat: 0,
+                announce: false,
+            })
+            .await
+            .expect("open");
+        eventually("the funding transaction", || async { (chain.mempool_len() > 0).then_some(()) })
+            .await;
+        chain.mine_blocks(1).expect("mine");
+        let _ = daemon_node.sync_wallets().await;
+    }
+    chain.mine_blocks(6).expect("mine");
+    for (node, _) in &contributors {
+        let _ = node.sync_wallets().await;
+    }
+    eventually("both channels usable", || async {
+        let _ = daemon_node.sync_wallets().await;
+        let list = daemon_node.list_channels().await.ok()?;
+        (list.len() == 2 && list.iter().all(|c| c.usable)).then_some(())
+    })
+    .await;
+
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(data.path());
+    config.settlement.settle_every_secs = 86_400;
+    config.settlement.settle_threshold_msat = 1_000_000_000;
+    config.settlement.max_outstanding_msat = 1_000_000_000;
+    config.settlement.min_payout_msat = 1;
+    let options = |node: &Arc<LdkBackend>, fault| StartOptions {
+        lightning: Some(node.clone() as DynLightningBackend),
+        settlement: EngineOptions {
+            tick: Duration::from_millis(200),
+            poll_interval: Duration::from_millis(50),
+            round_patience: Duration::from_secs(30),
+            fault,
+            ..EngineOptions::default()
+        },
+    };
+    let mut first = true;
+    for (round, fault) in
+        [FaultPoint::AfterIntent, FaultPoint::AfterPay, FaultPoint::BeforeFinalize]
+            .into_iter()
+            .enumerate()
+    {
+        let mut d =
+            TestDaemon::start_with_options(config.clone(), options(&daemon_node, Some(fault)))
+                .await;
+        if first {
+            setup_model(&d, MODEL, &OWNERS, 800_000).await;
+            let mut reg = d.registry(Some(&d.operator_token)).await;
+            for ((n, _), (node, _)) in OWNERS.iter().zip(&contributors) {
+                let r = ContributorRegistration {
+                    network: Network::Regtest,
+                    contributor_key: pubkey(*n),
+                    node_id: Some(node.node_id()),
+                    bolt12_offer: None,
+                    registered_at: Timestamp(1_700_000_500),
+                };
+                reg.register_contributor(pb::RegisterContributorRequest {
+                    signed_registration: Signed::sign(r, &keypair(*n), &[5; 32])
+                        .expect("sign")
+                        .encode(),
+                })
+                .await
+                .expect("register node id");
+            }
+            first = false;
+        }
+        let mut meter = d.metering(Some(&d.provider_token)).await;
+        for i in 0..100u64 {
+            meter
+                .meter(usage_request(&format!("k{round}-{i}"), MODEL, 80_000 + i, 30_000))
+                .await
+                .expect("meter");
+        }
+        d.running().settlement.settle_now_and_wait().await;
+        // The crash: the daemon and its node go down with the settlements pending.
+        d.stop().await;
+        daemon_node.stop().await.expect("stop daemon node");
+        daemon_node = Arc::new(
+            LdkBackend::start(daemon_node_config.clone()).await.expect("daemon node again"),
+        );
+        let d = TestDaemon::start_with_options(config.clone(), options(&daemon_node, None)).await;
+        let op = operator(&d).await;
+        // Resolved: nothing pending, and every channel paid down to its sub-msat remainder
+        // (a definite failure on the way, e.g. before the restarted node has reconnected to
+        // its peers, is retried under a new settlement).
+        let mut last = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        let rows = loop {
+            let list = op.clone().list_settlements(pb::ListSettlementsRequest::default()).await;
+            let chans = d
+                .channels(Some(&d.operator_token))
+                .await
+                .list_channels(pb::ListChannelsRequest {})
+                .await;
+            if let (Ok(list), Ok(chans)) = (list, chans) {
+                let rows = list.into_inner().settlements;
+                let paid_down = chans
+                    .into_inner()
+                    .channels
+                    .iter()
+                    .all(|c| c.outstanding_nsat.parse::<u128>().expect("n") < 1_000_000);
+                if paid_down && rows.iter().all(|s| s.status != "pending") {
+                    break rows;
+                }
+                last = rows;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{fault:?}: not resolved in {WAIT:?}; settlements: {last:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        // On the receiving nodes: exactly the succeeded settlements' hashes, once each, for
+        // their amounts; nothing of a failed one.
+        for ((n, _), (node, _)) in OWNERS.iter().zip(&contributors) {
+            let key = pubkey(*n).to_bytes().to_vec();
+            let paid: Vec<_> = rows
+                .iter()
+                .filter(|s| s.contributor_key == key && s.status == "succeeded")
+                .collect();
+            let got = eventually("the node's records", || async {
+                let got = inbound(node);
+                (got.len() >= paid.len()).then_some(got)
+            })
+            .await;
+            assert_eq!(got.len(), paid.len(), "{fault:?}: contributor {n} received {got:?}");
+            for s in &paid {
+                let hits: Vec<_> =
+                    got.iter().filter(|(h, _)| h.to_vec() == s.payment_hash).collect();
+                assert_eq!(hits.len(), 1, "{fault:?}: settlement {} on the node", s.settlement_id);
+                assert_eq!(hits[0].1, s.amount_msat);
+            }
+            for s in rows.iter().filter(|s| s.contributor_key == key && s.status == "failed") {
+                assert!(
+                    got.iter().all(|(h, _)| h.to_vec() != s.payment_hash),
+                    "failed settlement {} was paid",
+                    s.settlement_id
+                );
+            }
+        }
+        let mut d = d;
+        d.stop().await;
+    }
+    for (node, _) in &contributors {
+        node.stop().await.expect("stop");
+    }
+    daemon_node.stop().await.expect("stop");
+    chain.shutdown().await;
 }
