@@ -198,6 +198,10 @@ pub struct SettlementConfig {
     pub min_payout_msat: u64,
     /// Most routing fee paid per payout, in parts per million of the amount.
     pub max_fee_ppm: u32,
+    /// The fee budget of a payout is never below this, in msat: a BOLT12 payment crosses
+    /// at least the blinded path's introduction hop, whose base fee (1 sat by default in
+    /// LDK) a ppm budget on a small payout would not cover.
+    pub min_fee_budget_msat: u64,
 }
 
 impl Default for SettlementConfig {
@@ -208,6 +212,7 @@ impl Default for SettlementConfig {
             max_outstanding_msat: 1_000_000,
             min_payout_msat: 1_000,
             max_fee_ppm: 5_000,
+            min_fee_budget_msat: 1_000,
         }
     }
 }

@@ -116,6 +116,8 @@ pub struct SettleJob {
     pub preimage: [u8; 32],
     /// Routing fee, when known.
     pub fee_msat: Option<u64>,
+    /// Fault injection (tests): do everything, then roll back instead of committing.
+    pub fail_before_commit: bool,
 }
 
 enum Command {
@@ -840,6 +842,10 @@ impl Writer {
             return Err(internal(format!("settlement {} changed meanwhile", job.settlement_id)));
         }
         persist_states(&tx, &vec![(key, signed)], |_| Some(&updated), applied, watermark)?;
+        if job.fail_before_commit {
+            // Dropping the transaction rolls it back: nothing of it happened.
+            return Err(internal("fault point: finalize rolled back".into()));
+        }
         tx.commit().map_err(ApiError::storage)?;
         // Durable: install and publish.
         self.channels.insert(key, updated);

@@ -73,6 +73,8 @@ pub enum FaultPoint {
     AfterPay,
     /// After the outcome is known, before it is finalized.
     BeforeFinalize,
+    /// Inside the finalize transaction, before it commits (it rolls back).
+    DuringFinalize,
 }
 
 /// Handle to steer the engine (operator commands).
@@ -602,8 +604,9 @@ impl SettlementEngine {
         row: &SettlementRow,
         dest: &Destination,
     ) -> Result<Option<PaymentId>, Halt> {
-        let max_fee_msat =
-            row.amount_msat.saturating_mul(u64::from(self.config.max_fee_ppm)) / 1_000_000;
+        let max_fee_msat = (row.amount_msat.saturating_mul(u64::from(self.config.max_fee_ppm))
+            / 1_000_000)
+            .max(self.config.min_fee_budget_msat);
         let sent = match dest {
             Destination::Keysend(node) => {
                 let preimage = preimage_of(&self.secret, &self.provider_key, row.settlement_id);
@@ -688,8 +691,16 @@ impl SettlementEngine {
                 payment_hash: hash,
                 preimage,
                 fee_msat: fee,
+                fail_before_commit: self.options.fault == Some(FaultPoint::DuringFinalize),
             })
-            .await?;
+            .await
+            .map_err(|e| {
+                if self.options.fault == Some(FaultPoint::DuringFinalize) {
+                    Halt::Fault
+                } else {
+                    Halt::from(e)
+                }
+            })?;
         tracing::info!(
             settlement = row.settlement_id,
             amount_msat = row.amount_msat,

@@ -265,9 +265,14 @@ async fn wait_until(mut done: impl FnMut() -> bool) {
 /// on the same database and the same node, each settlement is paid exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_at_any_step_of_the_saga_pays_exactly_once_after_restart() {
-    for (i, fault) in [FaultPoint::AfterIntent, FaultPoint::AfterPay, FaultPoint::BeforeFinalize]
-        .into_iter()
-        .enumerate()
+    for (i, fault) in [
+        FaultPoint::AfterIntent,
+        FaultPoint::AfterPay,
+        FaultPoint::BeforeFinalize,
+        FaultPoint::DuringFinalize,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let dir = tempfile::tempdir().expect("tempdir");
         let backend = Arc::new(ScriptedBackend::new());

@@ -492,7 +492,8 @@ fn inbound(node: &LdkBackend) -> Vec<([u8; 32], u64)> {
 }
 
 /// A crash at each step of the saga with real nodes: the daemon stops dead at a fault point
-/// (after the intent, after the payment was handed to the node, before finalizing), then
+/// (after the intent, after the payment was handed to the node, before finalizing, inside
+/// the finalize transaction), then
 /// the daemon and its Lightning node are stopped and started again from their data dirs.
 /// Each settlement ends paid exactly once, as the receiving nodes' own records show.
 #[tokio::test(flavor = "multi_thread")]
@@ -565,10 +566,14 @@ async fn a_crash_at_each_step_pays_exactly_once_on_real_nodes() {
         },
     };
     let mut first = true;
-    for (round, fault) in
-        [FaultPoint::AfterIntent, FaultPoint::AfterPay, FaultPoint::BeforeFinalize]
-            .into_iter()
-            .enumerate()
+    for (round, fault) in [
+        FaultPoint::AfterIntent,
+        FaultPoint::AfterPay,
+        FaultPoint::BeforeFinalize,
+        FaultPoint::DuringFinalize,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let mut d =
             TestDaemon::start_with_options(config.clone(), options(&daemon_node, Some(fault)))
