@@ -7,6 +7,7 @@
 //! `cargo run --release -p tribute-bench -- [--quick]`
 
 mod cpu;
+mod ln;
 mod load;
 mod setup;
 mod sqlite;
@@ -76,6 +77,10 @@ struct Args {
     /// the daemon's default when not given.
     #[arg(long)]
     stream_interval_ms: Option<u64>,
+    /// Instead: the per-request Lightning model (keysend per request between two ldk-node
+    /// nodes on the dev chain) against Tribute's metering, and a 100-payout settlement round.
+    #[arg(long)]
+    lightning: bool,
     /// Skip the MeterStream phase (for profiling one phase).
     #[arg(long)]
     no_stream: bool,
@@ -180,6 +185,13 @@ fn main() -> Result<(), BenchError> {
         None => tempfile::tempdir(),
     }
     .map_err(|e| BenchError::msg(e.to_string()))?;
+    if args.lightning {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| BenchError::msg(e.to_string()))?;
+        return rt.block_on(ln::run(dir.path(), args.quick));
+    }
     let data_dir = dir.path().join("daemon");
     let db = tribute_daemon::server::database_path(&data_dir);
 

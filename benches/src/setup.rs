@@ -77,10 +77,19 @@ pub struct Daemon {
 
 /// Starts the daemon; must run inside the daemon's runtime.
 pub async fn start(config: Config) -> Result<Daemon, BenchError> {
+    start_with(config, server::StartOptions::default()).await
+}
+
+/// [`start`] with a Lightning backend (and engine options).
+pub async fn start_with(
+    config: Config,
+    options: server::StartOptions,
+) -> Result<Daemon, BenchError> {
     if config.storage.durability != Durability::Full {
         return Err(BenchError::msg("the bench measures durability FULL only"));
     }
-    let running = server::start(config).await.map_err(|e| BenchError::msg(e.to_string()))?;
+    let running =
+        server::start_with(config, options).await.map_err(|e| BenchError::msg(e.to_string()))?;
     let now = Timestamp(unix_now());
     let token = |role| {
         running
@@ -133,12 +142,23 @@ fn status(what: &str) -> impl Fn(tonic::Status) -> BenchError + '_ {
 /// Registers contributors 1..=100 (each with one licensed dataset), the model and its
 /// training run over the 100 datasets.
 pub async fn register(channel: Channel, d: &Daemon) -> Result<(), BenchError> {
+    register_paid_to(channel, d, None).await
+}
+
+/// [`register`], every contributor paid to `node_id` when given (one receiving node for
+/// all), else to a made-up node id of its own.
+pub async fn register_paid_to(
+    channel: Channel,
+    d: &Daemon,
+    paid_to: Option<[u8; 33]>,
+) -> Result<(), BenchError> {
     let mut op = RegistryClient::with_interceptor(channel.clone(), Bearer::new(&d.operator_token)?);
     for n in 1..=CONTRIBUTORS {
         let kp = keypair(n)?;
         let key = tribute_channels::PublicKey::from(kp.x_only_public_key().0);
         let mut node_id = [0x02; 33];
         node_id[1..].copy_from_slice(&key.to_bytes());
+        let node_id = paid_to.unwrap_or(node_id);
         let reg = ContributorRegistration {
             network: Network::Regtest,
             contributor_key: key,
