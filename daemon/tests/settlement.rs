@@ -365,3 +365,48 @@ async fn a_contributor_with_an_offer_is_paid_through_it_twice() {
     check_paid_once(&d, &backend);
     check_conservation(&d).await;
 }
+
+/// The Lightning node is down when the daemon starts with settlements pending: nothing new
+/// starts before they are resolved, and once the node is back each is paid exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_down_at_start_up_recovers_before_anything_new() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend = Arc::new(ScriptedBackend::new());
+    let mut d = TestDaemon::start_with_options(
+        config(dir.path()),
+        options(&backend, Some(FaultPoint::AfterIntent)),
+    )
+    .await;
+    setup_model(&d, MODEL, &OWNERS, 700_000).await;
+    meter_some(&d, "d", 40).await;
+    d.running().settlement.settle_now_and_wait().await;
+    assert_eq!(settlements(&d).len(), OWNERS.len());
+    d.stop().await;
+
+    backend.set_available(false);
+    let d = TestDaemon::start_with_options(config(dir.path()), options(&backend, None)).await;
+    meter_some(&d, "e", 40).await;
+    // Rounds run and fail to reach the node: the old intents stay pending, no new one starts.
+    for _ in 0..3 {
+        d.running().settlement.settle_now_and_wait().await;
+    }
+    let rows = settlements(&d);
+    assert_eq!(rows.len(), OWNERS.len(), "{rows:?}");
+    assert!(rows.iter().all(|s| s.status == "pending"));
+    assert!(backend.sent_payments().is_empty());
+
+    backend.set_available(true);
+    wait_until(|| {
+        settlements(&d).iter().filter(|s| s.status == "succeeded").count() >= OWNERS.len()
+    })
+    .await;
+    // Recovery first, then the amount accrued since is paid by new settlements.
+    d.running().settlement.settle_now_and_wait().await;
+    wait_until(|| settlements(&d).iter().all(|s| s.status == "succeeded")).await;
+    check_paid_once(&d, &backend);
+    check_conservation(&d).await;
+    for (n, _) in OWNERS {
+        let state = latest_state(&d, n).await;
+        assert_eq!(u128::from(state.settled_msat.0), state.accrued_nsat.0 / 1_000_000);
+    }
+}
