@@ -332,6 +332,9 @@ pub struct SettlementEngine {
     network: Network,
     provider_key: PublicKey,
     control: SettlementControl,
+    /// When this engine first saw each never-settled channel owing: what
+    /// `settle_every_secs` counts from for it.
+    first_seen: Mutex<HashMap<ChannelId, u64>>,
 }
 
 impl SettlementEngine {
@@ -360,6 +363,7 @@ impl SettlementEngine {
             network,
             provider_key,
             control,
+            first_seen: Mutex::new(HashMap::new()),
         }
     }
 
@@ -473,7 +477,11 @@ impl SettlementEngine {
             if payable < self.config.min_payout_msat || payable == 0 {
                 continue;
             }
-            let history = self.db(|c| channel_history(c, &head.channel_id))?;
+            let mut history = self.db(|c| channel_history(c, &head.channel_id))?;
+            if history.first_seen_at.is_none() {
+                let mut seen = self.first_seen.lock().unwrap_or_else(|p| p.into_inner());
+                history.first_seen_at = Some(*seen.entry(head.channel_id).or_insert(now));
+            }
             if let Some(until) = history.backoff_until(&self.options, &self.config) {
                 if now < until {
                     continue;
@@ -486,9 +494,8 @@ impl SettlementEngine {
                 || payable >= self.config.settle_threshold_msat
                 || payable >= self.config.max_outstanding_msat
                 || now.saturating_sub(
-                    history.last_success_at.unwrap_or(history.first_seen_at.unwrap_or(now)),
-                ) >= self.config.settle_every_secs
-                    && history.first_seen_at.is_some();
+                    history.last_success_at.or(history.first_seen_at).unwrap_or(now),
+                ) >= self.config.settle_every_secs;
             if !due {
                 continue;
             }
@@ -713,7 +720,8 @@ impl SettlementEngine {
 /// A channel's settlement history, for triggers and backoff.
 struct History {
     last_success_at: Option<u64>,
-    /// When the engine first saw the channel owing (its first settlement, or now).
+    /// Its oldest settlement among the recent ones (or, set by the engine, when it first
+    /// saw the channel owing).
     first_seen_at: Option<u64>,
     /// Definite failures since the last success, and when the newest was recorded.
     failures: u32,
@@ -760,18 +768,7 @@ fn channel_history(conn: &Connection, channel_id: &ChannelId) -> Result<History,
             _ => {}
         }
     }
-    if h.first_seen_at.is_none() {
-        h.first_seen_at = Some(first_seen(channel_id));
-    }
     Ok(h)
-}
-
-/// When this process first looked at a channel that never settled: the age that
-/// `settle_every_secs` counts from.
-fn first_seen(channel_id: &ChannelId) -> u64 {
-    static SEEN: Mutex<Option<HashMap<ChannelId, u64>>> = Mutex::new(None);
-    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
-    *seen.get_or_insert_with(HashMap::new).entry(*channel_id).or_insert_with(unix_now)
 }
 
 /// Records an intent; returns its row. Keysend intents carry their payment id and hash.

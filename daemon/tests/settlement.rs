@@ -410,3 +410,44 @@ async fn backend_down_at_start_up_recovers_before_anything_new() {
         assert_eq!(u128::from(state.settled_msat.0), state.accrued_nsat.0 / 1_000_000);
     }
 }
+
+/// Without an operator's command: a channel past `settle_threshold_msat` is settled on its
+/// own; with a high threshold, `settle_every_secs` settles what is owed; `min_payout_msat`
+/// holds smaller amounts back.
+#[tokio::test(flavor = "multi_thread")]
+async fn threshold_and_interval_trigger_settlement_on_their_own() {
+    // Threshold: 10 msat; no interval in sight.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend = Arc::new(ScriptedBackend::new());
+    let mut c = config(dir.path());
+    c.settlement.settle_threshold_msat = 10;
+    c.settlement.max_outstanding_msat = 10;
+    c.settlement.min_payout_msat = 10;
+    let d = TestDaemon::start_with_options(c, options(&backend, None)).await;
+    setup_model(&d, MODEL, &OWNERS, 700_000).await;
+    meter_some(&d, "t", 60).await;
+    wait_until(|| {
+        settlements(&d).iter().filter(|s| s.status == "succeeded").count() == OWNERS.len()
+    })
+    .await;
+    assert!(settlements(&d).iter().all(|s| s.amount_msat >= 10));
+    check_paid_once(&d, &backend);
+    check_conservation(&d).await;
+
+    // Interval: 1 s, thresholds far away; min_payout keeps 1-msat amounts back.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend = Arc::new(ScriptedBackend::new());
+    let mut c = config(dir.path());
+    c.settlement.settle_every_secs = 1;
+    c.settlement.min_payout_msat = 5;
+    let d = TestDaemon::start_with_options(c, options(&backend, None)).await;
+    setup_model(&d, MODEL, &OWNERS, 700_000).await;
+    meter_some(&d, "u", 60).await;
+    wait_until(|| {
+        settlements(&d).iter().filter(|s| s.status == "succeeded").count() == OWNERS.len()
+    })
+    .await;
+    assert!(settlements(&d).iter().all(|s| s.amount_msat >= 5));
+    check_paid_once(&d, &backend);
+    check_conservation(&d).await;
+}
