@@ -91,6 +91,27 @@ async fn received(
     }
 }
 
+/// The model over [`OWNERS`]' datasets, each contributor registered (again, newer) with the
+/// node id of its node in `contributors`.
+async fn setup_paid_model(d: &TestDaemon, contributors: &[(LdkBackend, String)]) {
+    setup_model(d, MODEL, &OWNERS, 800_000).await;
+    let mut reg = d.registry(Some(&d.operator_token)).await;
+    for ((n, _), (node, _)) in OWNERS.iter().zip(contributors) {
+        let r = ContributorRegistration {
+            network: Network::Regtest,
+            contributor_key: pubkey(*n),
+            node_id: Some(node.node_id()),
+            bolt12_offer: None,
+            registered_at: Timestamp(1_700_000_500),
+        };
+        reg.register_contributor(pb::RegisterContributorRequest {
+            signed_registration: Signed::sign(r, &keypair(*n), &[5; 32]).expect("sign").encode(),
+        })
+        .await
+        .expect("register node id");
+    }
+}
+
 async fn operator(d: &TestDaemon) -> OperatorClient<Authed> {
     OperatorClient::with_interceptor(d.channel().await, Bearer(Some(d.operator_token.clone())))
 }
@@ -195,22 +216,7 @@ async fn real_nodes_receive_exactly_what_the_channels_owe() {
     assert_eq!(info.usable_channels, 2);
 
     // Contributors registered with their nodes' ids; a model trained on their datasets.
-    setup_model(&d, MODEL, &OWNERS, 800_000).await;
-    let mut reg = d.registry(Some(&d.operator_token)).await;
-    for ((n, _), (node, _)) in OWNERS.iter().zip(&contributors) {
-        let r = ContributorRegistration {
-            network: Network::Regtest,
-            contributor_key: pubkey(*n),
-            node_id: Some(node.node_id()),
-            bolt12_offer: None,
-            registered_at: Timestamp(1_700_000_500),
-        };
-        reg.register_contributor(pb::RegisterContributorRequest {
-            signed_registration: Signed::sign(r, &keypair(*n), &[5; 32]).expect("sign").encode(),
-        })
-        .await
-        .expect("register node id");
-    }
+    setup_paid_model(&d, &contributors).await;
 
     let mut settled_before = [0u64; 2];
     for round in 0..2u64 {
@@ -579,24 +585,7 @@ async fn a_crash_at_each_step_pays_exactly_once_on_real_nodes() {
             TestDaemon::start_with_options(config.clone(), options(&daemon_node, Some(fault)))
                 .await;
         if first {
-            setup_model(&d, MODEL, &OWNERS, 800_000).await;
-            let mut reg = d.registry(Some(&d.operator_token)).await;
-            for ((n, _), (node, _)) in OWNERS.iter().zip(&contributors) {
-                let r = ContributorRegistration {
-                    network: Network::Regtest,
-                    contributor_key: pubkey(*n),
-                    node_id: Some(node.node_id()),
-                    bolt12_offer: None,
-                    registered_at: Timestamp(1_700_000_500),
-                };
-                reg.register_contributor(pb::RegisterContributorRequest {
-                    signed_registration: Signed::sign(r, &keypair(*n), &[5; 32])
-                        .expect("sign")
-                        .encode(),
-                })
-                .await
-                .expect("register node id");
-            }
+            setup_paid_model(&d, &contributors).await;
             first = false;
         }
         let mut meter = d.metering(Some(&d.provider_token)).await;
