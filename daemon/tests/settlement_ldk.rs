@@ -112,6 +112,21 @@ async fn setup_paid_model(d: &TestDaemon, contributors: &[(LdkBackend, String)])
     }
 }
 
+/// `Operator.ListSettlements` with `status` (empty: all), of contributor `n` if given;
+/// `None` if the call failed.
+async fn settlements(
+    op: &OperatorClient<Authed>,
+    status: &str,
+    contributor: Option<u64>,
+) -> Option<Vec<pb::Settlement>> {
+    let request = pb::ListSettlementsRequest {
+        status: status.into(),
+        contributor_key: contributor.map(|n| pubkey(n).to_bytes().to_vec()).unwrap_or_default(),
+        ..Default::default()
+    };
+    Some(op.clone().list_settlements(request).await.ok()?.into_inner().settlements)
+}
+
 async fn operator(d: &TestDaemon) -> OperatorClient<Authed> {
     OperatorClient::with_interceptor(d.channel().await, Bearer(Some(d.operator_token.clone())))
 }
@@ -246,16 +261,8 @@ async fn real_nodes_receive_exactly_what_the_channels_owe() {
 
         op.settle_now(pb::SettleNowRequest {}).await.expect("settle now");
         let done = eventually("the round's settlements", || async {
-            let list = op
-                .clone()
-                .list_settlements(pb::ListSettlementsRequest {
-                    status: "succeeded".into(),
-                    ..Default::default()
-                })
-                .await
-                .ok()?
-                .into_inner();
-            (list.settlements.len() == 2 * (round as usize + 1)).then_some(list.settlements)
+            let list = settlements(&op, "succeeded", None).await?;
+            (list.len() == 2 * (round as usize + 1)).then_some(list)
         })
         .await;
 
@@ -352,32 +359,14 @@ async fn real_nodes_receive_exactly_what_the_channels_owe() {
     }
     op.settle_now(pb::SettleNowRequest {}).await.expect("settle now");
     let failed = eventually("the offline contributor's settlement to fail", || async {
-        let list = op
-            .clone()
-            .list_settlements(pb::ListSettlementsRequest {
-                status: "failed".into(),
-                ..Default::default()
-            })
-            .await
-            .ok()?
-            .into_inner();
-        list.settlements.into_iter().next()
+        settlements(&op, "failed", None).await?.into_iter().next()
     })
     .await;
     assert_eq!(failed.contributor_key, pubkey(OWNERS[0].0).to_bytes().to_vec());
     let back = LdkBackend::start(contributor_configs[0].clone()).await.expect("node back");
     let retried = eventually("the owed amount to be paid once the node is back", || async {
-        let list = op
-            .clone()
-            .list_settlements(pb::ListSettlementsRequest {
-                status: "succeeded".into(),
-                contributor_key: pubkey(OWNERS[0].0).to_bytes().to_vec(),
-                ..Default::default()
-            })
-            .await
-            .ok()?
-            .into_inner();
-        list.settlements.into_iter().find(|s| s.settlement_id > failed.settlement_id)
+        let list = settlements(&op, "succeeded", Some(OWNERS[0].0)).await?;
+        list.into_iter().find(|s| s.settlement_id > failed.settlement_id)
     })
     .await;
     // Nothing accrued in between: the retry pays exactly what the failed settlement owed.
