@@ -1342,6 +1342,19 @@ pub fn read_channels<P: rusqlite::Params>(
         .collect()
 }
 
+/// The watermark: every channel row shows the accruals of every batch up to it (0 before
+/// any row was rewritten).
+pub fn accruals_applied_through(conn: &Connection) -> Result<u64, StoreError> {
+    match store::meta_get(conn, APPLIED_THROUGH)? {
+        None => Ok(0),
+        Some(b) => Ok(u64::from_be_bytes(
+            b.as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt(format!("meta {APPLIED_THROUGH}")))?,
+        )),
+    }
+}
+
 /// The accruals that channel rows may not show yet: those of every batch after the
 /// watermark, per channel, in batch order. A row plus its unapplied accruals is the
 /// channel's current head (what the writer holds in memory).
@@ -1352,14 +1365,7 @@ pub struct Unapplied {
 impl Unapplied {
     /// Reads the batches after the watermark.
     pub fn read(conn: &Connection) -> Result<Unapplied, StoreError> {
-        let watermark = match store::meta_get(conn, APPLIED_THROUGH)? {
-            None => 0,
-            Some(b) => u64::from_be_bytes(
-                b.as_slice()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt(format!("meta {APPLIED_THROUGH}")))?,
-            ),
-        };
+        let watermark = accruals_applied_through(conn)?;
         let mut stmt = conn.prepare_cached(
             "SELECT batch_seq, accruals FROM receipt_batches WHERE batch_seq > ?1 ORDER BY batch_seq",
         )?;

@@ -15,6 +15,7 @@ pub mod ledger;
 pub mod lightning;
 pub mod meter;
 pub mod metrics;
+pub mod reconcile;
 pub mod registry;
 pub mod server;
 pub mod settlement;

@@ -6,6 +6,7 @@
 //! tributed token create --role contributor --contributor <KEY-HEX>
 //! tributed token list | tributed token revoke <TOKEN-ID>
 //! tributed backup <DEST>                         # consistent copy of the live database
+//! tributed reconcile [--data-dir DIR | --db FILE] [--json] [--provider-key HEX]
 //! ```
 
 use clap::{Parser, Subcommand};
@@ -16,7 +17,7 @@ use tribute_daemon::auth::{Role, TokenStore};
 use tribute_daemon::config::{Config, ConfigArgs};
 use tribute_daemon::devchain::{DevChain, DevChainConfig};
 use tribute_daemon::ledger::unix_now;
-use tribute_daemon::{server, store};
+use tribute_daemon::{reconcile, server, store};
 
 /// mimalloc: markedly cheaper than the system allocator for the many small, short-lived
 /// allocations of each gRPC call (measured in docs/PERFORMANCE.md).
@@ -50,6 +51,11 @@ enum Command {
         /// Destination file.
         dest: PathBuf,
     },
+    /// Re-derive every ledger invariant from the database's raw records (read-only; safe
+    /// on a live daemon's database or on a backup) and print a report. Exits 0 when every
+    /// invariant holds, 1 when any finding names a broken record, 2 when the database
+    /// cannot be read.
+    Reconcile(ReconcileArgs),
     /// Run the regtest simulator on its own, for Lightning nodes in other processes
     /// (`lightning.chain_source = "devchain"`). It validates no scripts and does no real
     /// proof of work: never for real money. Runs until SIGINT/SIGTERM.
@@ -61,6 +67,71 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         mine_every_secs: u64,
     },
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    tributed reconcile --data-dir ./tribute-data\n  \
+    tributed reconcile --db backup.sqlite --provider-key <HEX> --json")]
+struct ReconcileArgs {
+    /// Data directory whose ledger (`tribute.sqlite`) to reconcile (default: the
+    /// configured one).
+    #[arg(long, value_name = "DIR", conflicts_with = "db")]
+    data_dir: Option<PathBuf>,
+    /// A database file to reconcile (e.g. a copy made with `tributed backup`).
+    #[arg(long, value_name = "FILE")]
+    db: Option<PathBuf>,
+    /// The provider's state key as the provider published it (hex, x-only): signatures
+    /// are checked against it and the database's recorded key must match it. Default: the
+    /// key the database records.
+    #[arg(long, value_name = "HEX")]
+    provider_key: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Exit code of `reconcile` when a finding names a broken record.
+const EXIT_FINDINGS: u8 = 1;
+/// Exit code of `reconcile` when the database cannot be read.
+const EXIT_UNREADABLE: u8 = 2;
+
+/// `tributed reconcile`: needs no runtime and no configuration beyond where the database is.
+fn run_reconcile(config: &ConfigArgs, args: &ReconcileArgs) -> ExitCode {
+    let fail = |msg: String| {
+        eprintln!("tributed reconcile: {msg}");
+        ExitCode::from(EXIT_UNREADABLE)
+    };
+    let db = match (&args.db, &args.data_dir) {
+        (Some(db), _) => db.clone(),
+        (None, Some(dir)) => server::database_path(dir),
+        (None, None) => match config.load() {
+            Ok(c) => server::database_path(&c.data_dir),
+            Err(e) => return fail(e.to_string()),
+        },
+    };
+    let provider_key = match args.provider_key.as_deref().map(PublicKey::from_hex).transpose() {
+        Ok(k) => k,
+        Err(e) => return fail(format!("--provider-key: {e}")),
+    };
+    let options = reconcile::Options { provider_key, ..reconcile::Options::default() };
+    let report = match reconcile::reconcile_file_with(&db, &options) {
+        Ok(r) => r,
+        Err(e) => return fail(e.to_string()),
+    };
+    if args.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(j) => println!("{j}"),
+            Err(e) => return fail(e.to_string()),
+        }
+    } else {
+        print!("{report}");
+    }
+    if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FINDINGS)
+    }
 }
 
 #[derive(Subcommand)]
@@ -205,6 +276,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             chain.shutdown().await;
             Ok(())
         }
+        // Dispatched in `main` before the runtime starts (it needs no runtime).
+        Command::Reconcile(_) => Err("reconcile runs without the runtime".into()),
         Command::Backup { dest } => {
             let db = server::database_path(&config.data_dir);
             let conn = store::connect(&db, config.storage.durability).map_err(|e| e.to_string())?;
@@ -223,6 +296,9 @@ async fn task_wait(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Reconcile(args) = &cli.command {
+        return run_reconcile(&cli.config, args);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

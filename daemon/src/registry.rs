@@ -464,7 +464,10 @@ pub fn fresh_aux() -> [u8; 32] {
     b
 }
 
-fn load_snapshot(conn: &Connection, network: Network) -> Result<Snapshot, StoreError> {
+/// Reads the registry's records from the database into a snapshot (no signature is
+/// checked again: they were checked when registered). Also used by `reconcile`, which has no
+/// provider key pair to build a [`Registry`] with.
+pub fn load_snapshot(conn: &Connection, network: Network) -> Result<Snapshot, StoreError> {
     let mut snap = Snapshot {
         network,
         contributors: HashMap::new(),
