@@ -130,6 +130,9 @@ pub enum ClientError {
     /// The dataset or manifest.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// `tribute demo` stopped or its summary's checks failed.
+    #[error(transparent)]
+    Demo(#[from] crate::demo::DemoError),
     /// The daemon sent something that does not decode or does not check out.
     #[error("the daemon sent an invalid answer to {call}: {detail}")]
     Protocol {

@@ -10,6 +10,7 @@ pub use tribute_channels as channels;
 pub mod config;
 pub mod connect;
 pub mod contributor;
+pub mod demo;
 pub mod error;
 pub mod keys;
 pub mod manifest;

@@ -9,6 +9,7 @@ use tribute_channels::{DatasetHash, Timestamp};
 use tribute_client::config::{CliConfig, GlobalArgs};
 use tribute_client::connect::Bearer;
 use tribute_client::contributor::{Contributor, LicenceStatus};
+use tribute_client::demo::DemoOptions;
 use tribute_client::keys::{prepare_private_dir, ContributorKey};
 use tribute_client::manifest::{Manifest, Progress};
 use tribute_client::node::{NodeConfig, NodeStatus, NodeStore, NODE_DB_FILE};
@@ -51,6 +52,38 @@ enum Command {
     /// What an inference provider does: meter requests, register models and training runs.
     #[command(subcommand)]
     Provider(ProviderCommand),
+    /// The whole system on this machine, on embedded defaults: a dev chain, tributed with
+    /// its Lightning node, contributors with theirs, simulated inference traffic, settlement
+    /// rounds over Lightning, and a summary checked against every party's own records.
+    #[command(
+        after_help = "Examples:\n  tribute demo\n  tribute demo --contributors 5 --requests 100000 --rounds 3\n  tribute demo --keep-running      # then look around: gRPC, /metrics; Ctrl-C stops"
+    )]
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Contributors, each with its own Lightning node and receiving node (1–8).
+    #[arg(long, default_value_t = 3)]
+    contributors: usize,
+    /// Inference requests to meter in all.
+    #[arg(long, default_value_t = 20_000)]
+    requests: u64,
+    /// Settlement rounds (the requests are spread over them).
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+    /// Keep everything here instead of a temp dir (must be empty or absent).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Seed of the simulated traffic.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// After the summary, keep the daemon and nodes running until Ctrl-C.
+    #[arg(long)]
+    keep_running: bool,
+    /// No progress bars or step lines (the summary is still printed).
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -629,20 +662,61 @@ async fn provider(config: &CliConfig, cmd: ProviderCommand) -> Result<(), Client
     Ok(())
 }
 
+async fn demo(args: DemoArgs) -> Result<(), ClientError> {
+    let options = DemoOptions {
+        contributors: args.contributors,
+        requests: args.requests,
+        rounds: args.rounds,
+        data_dir: args.data_dir,
+        seed: args.seed,
+        progress: !args.quiet,
+    };
+    let keep_running = args.keep_running;
+    let hold = keep_running.then(|| Box::pin(shutdown_signal()) as _);
+    let report = tribute_client::demo::run(
+        options,
+        |report| {
+            println!("{}", report.render());
+            if keep_running {
+                println!("Still running (Ctrl-C stops):");
+                println!("  gRPC      http://{}", report.grpc_addr);
+                if let Some(m) = report.metrics_addr {
+                    println!("  metrics   http://{m}/metrics");
+                }
+                println!("  operator  TRIBUTE_CLI_TOKEN={}", report.operator_token);
+                println!("  data      {}", report.data_dir.display());
+            }
+        },
+        hold,
+    )
+    .await?;
+    report.ensure_checks()?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let result = async {
-        let config = CliConfig::load(&cli.global)?;
-        match cli.command {
-            Command::Contributor(c) => contributor(&config, c).await,
-            Command::Provider(p) => provider(&config, p).await,
+    let result = match cli.command {
+        Command::Contributor(c) => {
+            async {
+                let config = CliConfig::load(&cli.global)?;
+                contributor(&config, c).await
+            }
+            .await
         }
-    }
-    .await;
+        Command::Provider(p) => {
+            async {
+                let config = CliConfig::load(&cli.global)?;
+                provider(&config, p).await
+            }
+            .await
+        }
+        Command::Demo(args) => demo(args).await,
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
