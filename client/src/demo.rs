@@ -12,6 +12,7 @@
 //! Nothing here is a shortcut the real parts do not take: every call goes over gRPC on
 //! loopback, every payment is a real keysend between ldk-nodes.
 
+use crate::amounts::{grouped, msat_decimal};
 use crate::connect::{error_chain, Authed, Bearer, DaemonEndpoint};
 use crate::contributor::Contributor;
 use crate::keys::ContributorKey;
@@ -295,10 +296,10 @@ impl DemoReport {
                 "{:<12} {:>7} {:>22} {:>16} {:>9} {:>16} {:>9}",
                 l.name,
                 format!("{}/{}", l.weight, total_weight),
-                msat(l.accrued_nsat),
-                group(u128::from(l.received_msat)),
+                msat_decimal(l.accrued_nsat),
+                grouped(u128::from(l.received_msat)),
                 l.payments,
-                msat(l.outstanding_nsat),
+                msat_decimal(l.outstanding_nsat),
                 if verified { "yes" } else { "NO" },
             );
         }
@@ -308,10 +309,10 @@ impl DemoReport {
             "{:<12} {:>7} {:>22} {:>16} {:>9} {:>16}",
             "total",
             "",
-            msat(self.accrued_nsat()),
-            group(self.lines.iter().map(|l| u128::from(l.received_msat)).sum()),
+            msat_decimal(self.accrued_nsat()),
+            grouped(self.lines.iter().map(|l| u128::from(l.received_msat)).sum()),
             self.lines.iter().map(|l| l.payments).sum::<usize>(),
-            msat(self.lines.iter().map(|l| l.outstanding_nsat).sum()),
+            msat_decimal(self.lines.iter().map(|l| l.outstanding_nsat).sum()),
         );
         let _ = writeln!(s);
         for (what, ok) in self.checks() {
@@ -324,23 +325,6 @@ impl DemoReport {
 /// The whole msat of `nsat` (what a settlement pays).
 fn whole_msat(nsat: u128) -> u64 {
     u64::try_from(nsat / 1_000_000).unwrap_or(u64::MAX)
-}
-
-/// `n` nsat as msat with six decimals and thousands separators.
-fn msat(n: u128) -> String {
-    format!("{}.{:06}", group(n / 1_000_000), n % 1_000_000)
-}
-
-fn group(n: u128) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// Prints step lines and draws bars on stderr, or nothing.

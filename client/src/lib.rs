@@ -7,6 +7,8 @@
 
 pub use tribute_channels as channels;
 
+pub mod admin;
+pub mod amounts;
 pub mod config;
 pub mod connect;
 pub mod contributor;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tribute_channels::licence::{Use, Uses};
 use tribute_channels::{DatasetHash, Timestamp};
+use tribute_client::admin::AdminCommand;
 use tribute_client::config::{CliConfig, GlobalArgs};
 use tribute_client::connect::Bearer;
 use tribute_client::contributor::{Contributor, LicenceStatus};
@@ -59,6 +60,25 @@ enum Command {
         after_help = "Examples:\n  tribute demo\n  tribute demo --contributors 5 --requests 100000 --rounds 3\n  tribute demo --keep-running      # then look around: gRPC, /metrics; Ctrl-C stops"
     )]
     Demo(DemoArgs),
+    /// What an operator does: balances and liquidity, settlements, settle-now, pause and
+    /// resume, tokens, backups, the node and its funding (an operator token).
+    #[command(subcommand)]
+    Admin(AdminCommand),
+    /// Re-derive every ledger invariant from a database file's raw records (a backup from
+    /// `tribute admin backup`): exits 0 when all hold, 1 naming each broken record.
+    #[command(
+        after_help = "Example:\n  tribute admin backup ledger.sqlite && tribute reconcile ledger.sqlite --provider-key <HEX>"
+    )]
+    Reconcile {
+        /// The database file (read-only).
+        db: PathBuf,
+        /// The provider's published state key (64 hex); unset: the key the file records.
+        #[arg(long, value_name = "HEX")]
+        provider_key: Option<String>,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -662,6 +682,43 @@ async fn provider(config: &CliConfig, cmd: ProviderCommand) -> Result<(), Client
     Ok(())
 }
 
+/// `tribute reconcile`: 0 clean, 1 findings, 2 unreadable or bad arguments.
+fn reconcile(db: &Path, provider_key: Option<&str>, json: bool) -> ExitCode {
+    use tribute_daemon::reconcile::{reconcile_file_with, Options};
+    let provider_key = match provider_key.map(tribute_channels::PublicKey::from_hex).transpose() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: --provider-key: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let options = Options { provider_key, ..Options::default() };
+    match reconcile_file_with(db, &options) {
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+        Ok(report) => {
+            if json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("error: JSON: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            } else {
+                print!("{report}");
+            }
+            if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
 async fn demo(args: DemoArgs) -> Result<(), ClientError> {
     let options = DemoOptions {
         contributors: args.contributors,
@@ -716,6 +773,16 @@ async fn main() -> ExitCode {
             .await
         }
         Command::Demo(args) => demo(args).await,
+        Command::Admin(a) => {
+            async {
+                let config = CliConfig::load(&cli.global)?;
+                tribute_client::admin::run(&config, a).await
+            }
+            .await
+        }
+        Command::Reconcile { db, provider_key, json } => {
+            return reconcile(&db, provider_key.as_deref(), json);
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

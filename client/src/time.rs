@@ -75,6 +75,27 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (the form [`parse_time`] reads back).
+pub fn format_time(secs: u64) -> String {
+    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
+    let (y, m, d) = civil_from_days(days);
+    let s = secs % 86_400;
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s % 3600 / 60, s % 60)
+}
+
+/// The date `days` after 1970-01-01 (the inverse of [`days_from_civil`]).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +119,14 @@ mod tests {
         ] {
             assert!(parse_time(bad, now).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn formats_what_it_parses() {
+        for t in [0u64, 1_700_000_000, 1_709_164_800, 951_782_400, 4_102_444_799] {
+            let text = format_time(t);
+            assert_eq!(parse_time(&text, Timestamp(0)), Ok(Timestamp(t)), "{text}");
+        }
+        assert_eq!(format_time(1_700_000_000), "2023-11-14T22:13:20Z");
     }
 }

@@ -193,6 +193,7 @@ pub async fn start_with(
         keys::load_or_create_secret(&config.data_dir.join(files::SETTLEMENT_SECRET))?;
     let provider_key = PublicKey::from(provider.x_only_public_key().0);
     let db = database_path(&config.data_dir);
+    crate::grpc::remove_stale_backups(&config.data_dir);
     let durability = config.storage.durability;
     let writer_conn = store::initialize(&db, durability)?;
     writer_conn
@@ -333,6 +334,8 @@ pub async fn start_with(
                 options.lightning.clone(),
                 settlement.clone(),
                 reader.clone(),
+                tokens.clone(),
+                crate::grpc::Database { path: db.clone(), durability },
             ))
             .max_decoding_message_size(max),
             i,

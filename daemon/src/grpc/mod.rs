@@ -10,7 +10,7 @@ mod registry;
 
 pub use channels::ChannelsService;
 pub use metering::MeteringService;
-pub use operator::OperatorService;
+pub use operator::{remove_stale_backups, Database, OperatorService};
 pub use receipts::ReceiptsService;
 pub use registry::RegistryService;
 

@@ -1,12 +1,21 @@
 //! `tribute.v1.Operator`: the daemon's Lightning node and settlement, for the operator.
 
 use super::{blocking, optional_key};
-use crate::auth::{authorize, policy};
+use crate::auth::{authorize, policy, Role, TokenInfo, TokenStore};
 use crate::error::ApiError;
+use crate::ledger::unix_now;
 use crate::lightning::{ChannelId, DynLightningBackend, LightningError, OpenChannelRequest};
 use crate::settlement::{list_settlements, SettlementControl, SettlementRow};
+use crate::store::Durability;
 use crate::store::{self, SharedConn};
+use ldk_node::bitcoin::hashes::{sha256, Hash, HashEngine};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
+use tribute_channels::Timestamp;
 use tribute_proto::v1 as pb;
 use tribute_proto::v1::operator_server::Operator;
 use tribute_proto::v1::ErrorReason;
@@ -14,22 +23,43 @@ use tribute_proto::v1::ErrorReason;
 /// Most settlements one `ListSettlements` returns.
 const MAX_LIST: u32 = 1000;
 
+/// Size of a `Backup` chunk (well under the default 4 MiB message limit).
+const BACKUP_CHUNK: usize = 1 << 20;
+
+/// Prefix of the files a `Backup` writes in the data directory while it streams them
+/// (removed when the stream ends; a crash mid-stream leaves one behind, removed at the next
+/// start, see [`remove_stale_backups`]).
+const BACKUP_TMP_PREFIX: &str = "backup-in-progress-";
+
+/// The ledger database the operator service backs up, and how to open it.
+#[derive(Clone, Debug)]
+pub struct Database {
+    /// The file.
+    pub path: PathBuf,
+    /// Its durability setting (for the backup's connection).
+    pub durability: Durability,
+}
+
 /// The operator service.
 pub struct OperatorService {
     lightning: Option<DynLightningBackend>,
     settlement: SettlementControl,
     reader: SharedConn,
+    tokens: Arc<TokenStore>,
+    database: Database,
 }
 
 impl OperatorService {
     /// Operates `lightning` (if the daemon has a node) and `settlement`; reads settlements
-    /// from `reader`.
+    /// from `reader`; administers `tokens`; backs up `database`.
     pub fn new(
         lightning: Option<DynLightningBackend>,
         settlement: SettlementControl,
         reader: SharedConn,
+        tokens: Arc<TokenStore>,
+        database: Database,
     ) -> Self {
-        OperatorService { lightning, settlement, reader }
+        OperatorService { lightning, settlement, reader, tokens, database }
     }
 
     fn node(&self) -> Result<&DynLightningBackend, ApiError> {
@@ -59,6 +89,74 @@ fn node_id(bytes: &[u8]) -> Result<[u8; 33], ApiError> {
     ldk_node::bitcoin::secp256k1::PublicKey::from_slice(&id)
         .map_err(|_| ApiError::malformed("node_id", "not a valid public key"))?;
     Ok(id)
+}
+
+/// Removes backup files a stream left behind when the daemon stopped mid-way.
+pub fn remove_stale_backups(data_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir) else { return };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(BACKUP_TMP_PREFIX) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+fn token_pb(t: TokenInfo) -> pb::TokenInfo {
+    pb::TokenInfo {
+        token_id: t.token_id,
+        role: t.role.as_str().to_owned(),
+        contributor_key: t.contributor_key.map(|k| k.to_bytes().to_vec()).unwrap_or_default(),
+        label: t.label,
+        created_at: t.created_at.0,
+        expires_at: t.expires_at.map_or(0, |e| e.0),
+        revoked_at: t.revoked_at.map_or(0, |r| r.0),
+    }
+}
+
+/// Streams the file at `path` as backup chunks into `tx`, the last with size and SHA-256;
+/// removes the file at the end, whatever happens.
+async fn stream_backup(path: PathBuf, tx: mpsc::Sender<Result<pb::BackupChunk, Status>>) {
+    let result: Result<(), Status> = async {
+        let io = |e: std::io::Error| Status::from(ApiError::storage(format!("backup: {e}")));
+        let mut file = tokio::fs::File::open(&path).await.map_err(io)?;
+        let mut engine = sha256::Hash::engine();
+        let mut offset = 0u64;
+        loop {
+            let mut data = vec![0u8; BACKUP_CHUNK];
+            let mut filled = 0;
+            while filled < data.len() {
+                let n = file.read(&mut data[filled..]).await.map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            data.truncate(filled);
+            engine.input(&data);
+            let last = filled < BACKUP_CHUNK;
+            let len = data.len() as u64;
+            let chunk = pb::BackupChunk {
+                offset,
+                data,
+                last,
+                size: if last { offset + len } else { 0 },
+                sha256: if last {
+                    sha256::Hash::from_engine(std::mem::take(&mut engine)).to_byte_array().to_vec()
+                } else {
+                    Vec::new()
+                },
+            };
+            offset += len;
+            if tx.send(Ok(chunk)).await.is_err() || last {
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    if let Err(status) = result {
+        let _ = tx.send(Err(status)).await;
+    }
+    let _ = tokio::fs::remove_file(&path).await;
 }
 
 fn settlement_pb(s: SettlementRow) -> pb::Settlement {
@@ -255,5 +353,81 @@ impl Operator for OperatorService {
         Ok(Response::new(pb::ListSettlementsResponse {
             settlements: rows.into_iter().map(settlement_pb).collect(),
         }))
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        authorize(&req, policy::ADMIN)?;
+        let r = req.into_inner();
+        let role: Role = r.role.parse().map_err(|_| {
+            ApiError::malformed("role", "provider, operator, accountant or contributor")
+        })?;
+        let key = optional_key(&r.contributor_key, "contributor_key")?;
+        let now = Timestamp(unix_now());
+        let expires =
+            (r.expires_in_secs > 0).then(|| Timestamp(now.0.saturating_add(r.expires_in_secs)));
+        let tokens = self.tokens.clone();
+        let t = blocking(move || tokens.create(role, key, &r.label, expires, now)).await?;
+        Ok(Response::new(pb::CreateTokenResponse {
+            token_id: t.token_id,
+            secret: t.secret,
+            expires_at: t.expires_at.map_or(0, |e| e.0),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        authorize(&req, policy::ADMIN)?;
+        let tokens = self.tokens.clone();
+        let list = blocking(move || tokens.list()).await?;
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: list.into_iter().map(token_pb).collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        authorize(&req, policy::ADMIN)?;
+        let id = req.into_inner().token_id;
+        if id.is_empty() {
+            return Err(ApiError::malformed("token_id", "required").into());
+        }
+        let tokens = self.tokens.clone();
+        blocking(move || tokens.revoke(&id, Timestamp(unix_now()))).await?;
+        Ok(Response::new(pb::RevokeTokenResponse {}))
+    }
+
+    type BackupStream = ReceiverStream<Result<pb::BackupChunk, Status>>;
+
+    async fn backup(
+        &self,
+        req: Request<pb::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        authorize(&req, policy::ADMIN)?;
+        let db = self.database.clone();
+        let dir = db.path.parent().map(PathBuf::from).unwrap_or_default();
+        let mut suffix = [0u8; 8];
+        getrandom::getrandom(&mut suffix)
+            .map_err(|e| ApiError::storage(format!("randomness: {e}")))?;
+        let tmp = dir.join(format!("{BACKUP_TMP_PREFIX}{}.sqlite", hex::encode(suffix)));
+        let dest = tmp.clone();
+        let written = blocking(move || {
+            let conn = store::connect(&db.path, db.durability)?;
+            store::backup(&conn, &dest).map_err(ApiError::from)
+        })
+        .await;
+        if let Err(e) = written {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e.into());
+        }
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(stream_backup(tmp, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

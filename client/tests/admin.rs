@@ -1,0 +1,329 @@
+//! `tribute admin …` and `tribute reconcile` against a real daemon on loopback (real SQLite,
+//! real gRPC; Lightning through the scripted backend, so payouts succeed at once): tokens
+//! issued, used and revoked over the API; settlement control and listing; channels with
+//! liquidity; node and funding; a streamed backup that reconciles; clear errors.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+use tribute_channels::codec::Encode;
+use tribute_channels::licence::{Licence, Use, Uses};
+use tribute_channels::registration::ContributorRegistration;
+use tribute_channels::sign::secp;
+use tribute_channels::{DatasetHash, Network, PublicKey, Signed, Timestamp};
+use tribute_daemon::auth::Role;
+use tribute_daemon::config::Config;
+use tribute_daemon::lightning::ScriptedBackend;
+use tribute_daemon::server::{self, RunningDaemon, StartOptions};
+use tribute_daemon::settlement::EngineOptions;
+use tribute_proto::v1 as pb;
+
+async fn daemon(dir: &Path) -> RunningDaemon {
+    let mut c = Config {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        metrics_listen: None,
+        ..Config::default()
+    };
+    c.settlement.settle_every_secs = 86_400;
+    c.settlement.min_payout_msat = 1;
+    let options = StartOptions {
+        lightning: Some(Arc::new(ScriptedBackend::new())),
+        settlement: EngineOptions {
+            tick: Duration::from_millis(50),
+            poll_interval: Duration::from_millis(20),
+            ..EngineOptions::default()
+        },
+    };
+    server::start_with(c, options).await.expect("daemon starts")
+}
+
+/// Runs `tribute` with `args` and `token` (off the async workers).
+async fn tribute(url: &str, token: &str, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tribute"));
+    cmd.arg("--daemon").arg(url).args(args);
+    cmd.env_remove("TRIBUTE_CLI_CONFIG").env("TRIBUTE_CLI_TOKEN", token);
+    tokio::task::spawn_blocking(move || cmd.output().expect("runs")).await.expect("joined")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "failed: {}\n{}", stderr(o), stdout(o));
+    stdout(o)
+}
+
+fn field(out: &str, name: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in {out}"))
+        .trim()
+        .to_owned()
+}
+
+fn keypair(n: u8) -> ldk_node::bitcoin::secp256k1::Keypair {
+    let mut sk = [0u8; 32];
+    sk[31] = n;
+    ldk_node::bitcoin::secp256k1::Keypair::from_secret_key(
+        secp(),
+        &ldk_node::bitcoin::secp256k1::SecretKey::from_slice(&sk).expect("secret"),
+    )
+}
+
+fn pubkey(n: u8) -> PublicKey {
+    PublicKey::from(keypair(n).x_only_public_key().0)
+}
+
+/// Two contributors with node ids, licences, a model and a run; metered with `provider`.
+async fn ledger(url: &str, operator: &str, provider: &str) {
+    let channel = tonic::transport::Channel::from_shared(url.to_owned())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let with = |t: &str| {
+        let v: tonic::metadata::MetadataValue<_> = format!("Bearer {t}").parse().expect("ascii");
+        move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", v.clone());
+            Ok(r)
+        }
+    };
+    let mut reg =
+        pb::registry_client::RegistryClient::with_interceptor(channel.clone(), with(operator));
+    let mut datasets = Vec::new();
+    for n in [1u8, 2] {
+        let mut node_id = [2u8; 33];
+        node_id[1..].copy_from_slice(&pubkey(n).to_bytes());
+        let r = ContributorRegistration {
+            network: Network::Regtest,
+            contributor_key: pubkey(n),
+            node_id: Some(node_id),
+            bolt12_offer: None,
+            registered_at: Timestamp(1_700_000_000),
+        };
+        reg.register_contributor(pb::RegisterContributorRequest {
+            signed_registration: Signed::sign(r, &keypair(n), &[1; 32]).expect("sign").encode(),
+        })
+        .await
+        .expect("register");
+        let ds = DatasetHash([n; 32]);
+        let l = Licence {
+            network: Network::Regtest,
+            dataset_hash: ds,
+            contributor_key: pubkey(n),
+            spdx_license_id: "CC-BY-4.0".into(),
+            uses: Uses::of(&[Use::Training]),
+            not_before: Timestamp(1_600_000_000),
+            not_after: Timestamp::MAX,
+            signed_at: Timestamp(1_600_000_000),
+        };
+        reg.register_licence(pb::RegisterLicenceRequest {
+            signed_licence: Signed::sign(l, &keypair(n), &[2; 32]).expect("sign").encode(),
+        })
+        .await
+        .expect("licence");
+        datasets.push(pb::DatasetWeight { dataset_hash: ds.0.to_vec(), weight: u64::from(n) });
+    }
+    let mut prov =
+        pb::registry_client::RegistryClient::with_interceptor(channel.clone(), with(provider));
+    prov.register_model(pb::RegisterModelRequest {
+        model_id: "m".into(),
+        contributor_share_ppm: 500_000,
+        tariff: Some(pb::Tariff {
+            per_request_nsat: 3_000_000_007,
+            per_input_token_nsat: 0,
+            per_output_token_nsat: 0,
+        }),
+    })
+    .await
+    .expect("model");
+    prov.register_training_run(pb::RegisterTrainingRunRequest {
+        run_id: "run".into(),
+        model_id: "m".into(),
+        started_at: 1_700_000_000,
+        finished_at: 1_700_000_100,
+        datasets,
+    })
+    .await
+    .expect("run");
+    let mut meter = pb::metering_client::MeteringClient::with_interceptor(channel, with(provider));
+    for i in 0..40 {
+        meter
+            .meter(pb::MeterRequest {
+                request_id: format!("q{i}"),
+                model_id: "m".into(),
+                price: Some(pb::meter_request::Price::Usage(pb::Usage {
+                    input_tokens: 1,
+                    output_tokens: 1,
+                })),
+                ..Default::default()
+            })
+            .await
+            .expect("meter");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_administers_a_running_daemon() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = daemon(&dir.path().join("daemon")).await;
+    let url = format!("http://{}", d.grpc_addr);
+    let root = d
+        .tokens
+        .create(Role::Operator, None, "root", None, Timestamp(1_700_000_000))
+        .expect("token")
+        .secret;
+
+    // Tokens over the API: a provider token is issued, works, is listed without its secret.
+    let created = ok(&tribute(
+        &url,
+        &root,
+        &["admin", "tokens", "create", "--role", "provider", "--label", "fleet"],
+    )
+    .await);
+    let (provider_id, provider) = (field(&created, "token_id"), field(&created, "token"));
+    assert!(provider.starts_with("trb_"), "{created}");
+    ledger(&url, &root, &provider).await;
+    let listed = ok(&tribute(&url, &root, &["admin", "tokens", "list", "--json"]).await);
+    let tokens: serde_json::Value = serde_json::from_str(&listed).expect("json");
+    let entry = tokens
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|t| t["token_id"] == provider_id.as_str())
+        .expect("listed");
+    assert_eq!(entry["role"], "provider");
+    assert_eq!(entry["label"], "fleet");
+    assert_eq!(entry["revoked_at"], 0);
+    assert!(!listed.contains(&provider), "a secret was listed");
+
+    // Bad input: a clear error, nothing created.
+    let bad = tribute(&url, &root, &["admin", "tokens", "create", "--role", "king"]).await;
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("role"), "{}", stderr(&bad));
+    // A provider token cannot administer.
+    let denied = tribute(&url, &provider, &["admin", "tokens", "list"]).await;
+    assert!(!denied.status.success());
+    assert!(
+        stderr(&denied).contains("PERMISSION_DENIED") || stderr(&denied).contains("ermission"),
+        "{}",
+        stderr(&denied)
+    );
+    let after: serde_json::Value =
+        serde_json::from_str(&ok(
+            &tribute(&url, &root, &["admin", "tokens", "list", "--json"]).await
+        ))
+        .expect("json");
+    assert_eq!(after.as_array().map(Vec::len), tokens.as_array().map(Vec::len));
+
+    // Settlement control and listing.
+    assert!(ok(&tribute(&url, &root, &["admin", "pause"]).await).contains("paused"));
+    assert!(ok(&tribute(&url, &root, &["admin", "node"]).await).contains("paused"));
+    assert!(ok(&tribute(&url, &root, &["admin", "resume"]).await).contains("running"));
+    ok(&tribute(&url, &root, &["admin", "settle-now"]).await);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let paid = loop {
+        let out =
+            ok(&tribute(&url, &root, &["admin", "settlements", "--status", "succeeded", "--json"])
+                .await);
+        let list: serde_json::Value = serde_json::from_str(&out).expect("json");
+        if list.as_array().map(Vec::len) == Some(2) {
+            break list;
+        }
+        assert!(std::time::Instant::now() < deadline, "no settlements: {out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let one = hex::encode(pubkey(1).to_bytes());
+    let mine =
+        ok(&tribute(&url, &root, &["admin", "settlements", "--contributor", &one, "--json"]).await);
+    let mine: serde_json::Value = serde_json::from_str(&mine).expect("json");
+    assert_eq!(mine.as_array().map(Vec::len), Some(1));
+    assert_eq!(mine[0]["contributor_key"], one.as_str());
+    let table = ok(&tribute(&url, &root, &["admin", "settlements"]).await);
+    for s in paid.as_array().expect("array") {
+        assert!(table.contains(s["payment_hash"].as_str().expect("hash")), "{table}");
+    }
+    let none = ok(&tribute(&url, &root, &["admin", "settlements", "--status", "failed"]).await);
+    assert!(none.contains("(none)"), "{none}");
+    let bad_time = tribute(&url, &root, &["admin", "settlements", "--from", "yesterday"]).await;
+    assert!(!bad_time.status.success());
+    assert!(stderr(&bad_time).contains("--from"), "{}", stderr(&bad_time));
+
+    // Channels: every msat paid, sub-msat remainders outstanding; liquidity section shown.
+    let chans: serde_json::Value =
+        serde_json::from_str(&ok(&tribute(&url, &root, &["admin", "channels", "--json"]).await))
+            .expect("json");
+    let list = chans["channels"].as_array().expect("channels");
+    assert_eq!(list.len(), 2);
+    for c in list {
+        let accrued: u128 = c["accrued_nsat"].as_str().expect("s").parse().expect("n");
+        let outstanding: u128 = c["outstanding_nsat"].as_str().expect("s").parse().expect("n");
+        let settled = u128::from(c["settled_msat"].as_u64().expect("n"));
+        assert_eq!(settled * 1_000_000 + outstanding, accrued);
+        assert!(outstanding < 1_000_000);
+    }
+    assert!(chans["lightning_channels"].is_array());
+    let text = ok(&tribute(&url, &root, &["admin", "channels"]).await);
+    assert!(text.contains(&one) && text.contains("total outbound"), "{text}");
+    assert!(ok(&tribute(&url, &root, &["admin", "funding-address"]).await)
+        .trim()
+        .starts_with("bcrt1"));
+
+    // Backup: streamed, checked, and it reconciles; an existing file is never overwritten.
+    let file = dir.path().join("ledger.sqlite");
+    let b = ok(&tribute(&url, &root, &["admin", "backup", file.to_str().expect("utf8")]).await);
+    let bytes = std::fs::read(&file).expect("backup written");
+    assert_eq!(field(&b, "size"), format!("{} bytes", bytes.len()));
+    use ldk_node::bitcoin::hashes::{sha256, Hash};
+    assert_eq!(field(&b, "sha256"), hex::encode(sha256::Hash::hash(&bytes).to_byte_array()));
+    let again = tribute(&url, &root, &["admin", "backup", file.to_str().expect("utf8")]).await;
+    assert!(!again.status.success() && stderr(&again).contains("not overwriting"));
+    assert_eq!(std::fs::read(&file).expect("still there"), bytes);
+    let key = hex::encode(d.provider_key.to_bytes());
+    let rec =
+        tribute(&url, &root, &["reconcile", file.to_str().expect("utf8"), "--provider-key", &key])
+            .await;
+    assert!(rec.status.success(), "{}{}", stdout(&rec), stderr(&rec));
+    assert!(stdout(&rec).contains("40 meter events"), "{}", stdout(&rec));
+    // No backup file is left in the daemon's data dir.
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("daemon"))
+        .expect("dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("backup-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // A corrupted copy: reconcile exits 1 and names the record.
+    let conn = rusqlite::Connection::open(&file).expect("open copy");
+    conn.execute("UPDATE settlements SET preimage = zeroblob(32) WHERE settlement_id = 1", [])
+        .expect("corrupt");
+    drop(conn);
+    let rec = tribute(&url, &root, &["reconcile", file.to_str().expect("utf8")]).await;
+    assert_eq!(rec.status.code(), Some(1), "{}", stdout(&rec));
+    assert!(stdout(&rec).contains("settlement_id=1"), "{}", stdout(&rec));
+
+    // Revoked: the provider token stops working at once.
+    ok(&tribute(&url, &root, &["admin", "tokens", "revoke", &provider_id]).await);
+    let revoked = tribute(
+        &url,
+        &provider,
+        &["provider", "meter", "--model", "m", "--request-id", "late", "--price-nsat", "5"],
+    )
+    .await;
+    assert!(!revoked.status.success());
+    assert!(stderr(&revoked).contains("revoked"), "{}", stderr(&revoked));
+    let unknown = tribute(&url, &root, &["admin", "tokens", "revoke", "nope"]).await;
+    assert!(
+        !unknown.status.success() && stderr(&unknown).contains("NOT_FOUND")
+            || stderr(&unknown).contains("no token"),
+        "{}",
+        stderr(&unknown)
+    );
+
+    d.shutdown().await.expect("shutdown");
+}
