@@ -18,6 +18,7 @@ pub mod keys;
 pub mod manifest;
 pub mod node;
 pub mod provider;
+pub mod report;
 pub mod time;
 
 pub use connect::DaemonEndpoint;

@@ -14,6 +14,7 @@ use tribute_client::demo::DemoOptions;
 use tribute_client::keys::{prepare_private_dir, ContributorKey};
 use tribute_client::manifest::{Manifest, Progress};
 use tribute_client::node::{NodeConfig, NodeStatus, NodeStore, NODE_DB_FILE};
+use tribute_client::report::ReportCommand;
 use tribute_client::time::{parse_time, unix_now};
 use tribute_client::{ClientError, Meter, Provider, RetryPolicy};
 use tribute_proto::v1 as pb;
@@ -64,6 +65,10 @@ enum Command {
     /// resume, tokens, backups, the node and its funding (an operator token).
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// What an accountant reads: a contributor's statement for a period, the journal of
+    /// every balance change — from a database backup, as text, CSV or JSON.
+    #[command(subcommand)]
+    Report(ReportCommand),
     /// Re-derive every ledger invariant from a database file's raw records (a backup from
     /// `tribute admin backup`): exits 0 when all hold, 1 naming each broken record.
     #[command(
@@ -780,6 +785,7 @@ async fn main() -> ExitCode {
             }
             .await
         }
+        Command::Report(r) => tribute_client::report::run(r),
         Command::Reconcile { db, provider_key, json } => {
             return reconcile(&db, provider_key.as_deref(), json);
         }

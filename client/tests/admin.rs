@@ -80,7 +80,8 @@ fn pubkey(n: u8) -> PublicKey {
     PublicKey::from(keypair(n).x_only_public_key().0)
 }
 
-/// Two contributors with node ids, licences, a model and a run; metered with `provider`.
+/// Two contributors with node ids, licences, a model and a run; 40 requests metered with
+/// `provider`.
 async fn ledger(url: &str, operator: &str, provider: &str) {
     let channel = tonic::transport::Channel::from_shared(url.to_owned())
         .expect("url")
@@ -152,11 +153,28 @@ async fn ledger(url: &str, operator: &str, provider: &str) {
     })
     .await
     .expect("run");
-    let mut meter = pb::metering_client::MeteringClient::with_interceptor(channel, with(provider));
-    for i in 0..40 {
+    meter(url, provider, "q", 40).await;
+}
+
+/// Meters `n` requests `{prefix}{i}` of model `m`.
+async fn meter(url: &str, provider: &str, prefix: &str, n: u64) {
+    let channel = tonic::transport::Channel::from_shared(url.to_owned())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let v: tonic::metadata::MetadataValue<_> = format!("Bearer {provider}").parse().expect("ascii");
+    let mut meter = pb::metering_client::MeteringClient::with_interceptor(
+        channel,
+        move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", v.clone());
+            Ok(r)
+        },
+    );
+    for i in 0..n {
         meter
             .meter(pb::MeterRequest {
-                request_id: format!("q{i}"),
+                request_id: format!("{prefix}{i}"),
                 model_id: "m".into(),
                 price: Some(pb::meter_request::Price::Usage(pb::Usage {
                     input_tokens: 1,
@@ -324,6 +342,170 @@ async fn an_operator_administers_a_running_daemon() {
         "{}",
         stderr(&unknown)
     );
+
+    d.shutdown().await.expect("shutdown");
+}
+
+/// Unix seconds now.
+fn now() -> u64 {
+    tribute_client::time::unix_now().0
+}
+
+/// Waits until the wall clock is past `t` (receipt batches and settlements are timed to
+/// the second, so each phase lands in its own period).
+async fn after(t: u64) -> u64 {
+    while now() <= t {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    now()
+}
+
+fn csv_rows(text: &str) -> Vec<csv::StringRecord> {
+    let mut r = csv::Reader::from_reader(text.as_bytes());
+    r.records().collect::<Result<_, _>>().expect("CSV parses")
+}
+
+fn nsat_cell(r: &csv::StringRecord, i: usize) -> u128 {
+    let c = r.get(i).expect("cell");
+    if c.is_empty() {
+        0
+    } else {
+        c.parse().expect("nsat")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn statements_chain_across_periods_and_exports_agree() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = daemon(&dir.path().join("daemon")).await;
+    let url = format!("http://{}", d.grpc_addr);
+    let token =
+        |role| d.tokens.create(role, None, "t", None, Timestamp(now())).expect("token").secret;
+    let (root, provider) = (token(Role::Operator), token(Role::Provider));
+
+    // Period 1: accruals. Period 2: accruals and a settlement. Period 3: accruals.
+    let t0 = now();
+    ledger(&url, &root, &provider).await;
+    let t1 = after(t0).await;
+    meter(&url, &provider, "b", 30).await;
+    d.settlement.settle_now_and_wait().await;
+    let t2 = after(now()).await;
+    meter(&url, &provider, "c", 20).await;
+    let t3 = after(now()).await;
+
+    let file = dir.path().join("ledger.sqlite");
+    ok(&tribute(&url, &root, &["admin", "backup", file.to_str().expect("utf8")]).await);
+    let db = file.to_str().expect("utf8").to_owned();
+    let key = hex::encode(pubkey(2).to_bytes());
+    let statement = |from: u64, until: u64, format: &'static str| {
+        let (url, root, db, key) = (url.clone(), root.clone(), db.clone(), key.clone());
+        async move {
+            let args = [
+                "report",
+                "statement",
+                &db,
+                "--contributor",
+                &key,
+                "--from",
+                &from.to_string(),
+                "--until",
+                &until.to_string(),
+                "--format",
+                format,
+            ]
+            .map(str::to_owned);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            ok(&tribute(&url, &root, &args).await)
+        }
+    };
+    let periods = [(0, t1), (t1, t2), (t2, t3 + 1)];
+    let mut json = Vec::new();
+    for (from, until) in periods {
+        let v: serde_json::Value =
+            serde_json::from_str(&statement(from, until, "json").await).expect("json");
+        json.push(v);
+    }
+    // A closing balance is the next period's opening balance; each closes what it opened
+    // plus its accruals minus its settlements.
+    for w in json.windows(2) {
+        assert_eq!(w[0]["closing"], w[1]["opening"], "{w:?}");
+    }
+    for st in &json {
+        let n = |v: &serde_json::Value| v.as_str().expect("str").parse::<u128>().expect("n");
+        let opening = n(&st["opening"]["outstanding_nsat"]);
+        let closing = n(&st["closing"]["outstanding_nsat"]);
+        let settled = u128::from(st["settled_msat"].as_u64().expect("n")) * 1_000_000;
+        assert_eq!(opening + n(&st["accrued_nsat"]) - settled, closing, "{st}");
+        assert!(n(&st["accrued_nsat"]) > 0, "every period accrued: {st}");
+    }
+    assert_eq!(json[0]["settlements"].as_array().map(Vec::len), Some(0));
+    let paid = &json[1]["settlements"].as_array().expect("array")[0];
+    use ldk_node::bitcoin::hashes::{sha256, Hash};
+    let preimage = hex::decode(paid["preimage"].as_str().expect("hex")).expect("hex");
+    assert_eq!(
+        hex::encode(sha256::Hash::hash(&preimage).to_byte_array()),
+        paid["payment_hash"].as_str().expect("hex")
+    );
+    assert!(json[2]["closing"]["outstanding_nsat"] != json[1]["closing"]["outstanding_nsat"]);
+
+    // The CSV of the settled period parses with a standard reader and its totals match
+    // the JSON.
+    let rows = csv_rows(&statement(t1, t2, "csv").await);
+    assert_eq!(rows.first().and_then(|r| r.get(0)), Some("opening"));
+    assert_eq!(rows.last().and_then(|r| r.get(0)), Some("closing"));
+    let credits: u128 = rows.iter().map(|r| nsat_cell(r, 3)).sum();
+    let debits: u128 = rows.iter().map(|r| nsat_cell(r, 4)).sum();
+    let st = &json[1];
+    assert_eq!(credits.to_string(), st["accrued_nsat"].as_str().expect("s"));
+    assert_eq!(debits, u128::from(st["settled_msat"].as_u64().expect("n")) * 1_000_000);
+    assert_eq!(rows.last().and_then(|r| r.get(5)), st["closing"]["outstanding_nsat"].as_str());
+    // The running balance before the closing row ends where the closing row says.
+    assert_eq!(rows[rows.len() - 2].get(5), rows[rows.len() - 1].get(5));
+    assert!(statement(t1, t2, "text").await.contains("closing"));
+
+    // The journal: CSV and JSON agree; credits over all channels are the pools; each
+    // channel's last balance is its outstanding amount.
+    let journal_csv = ok(&tribute(&url, &root, &["report", "journal", &db]).await);
+    let journal: serde_json::Value = serde_json::from_str(&ok(&tribute(
+        &url,
+        &root,
+        &["report", "journal", &db, "--format", "json"],
+    )
+    .await))
+    .expect("json");
+    let entries = journal.as_array().expect("array");
+    let rows = csv_rows(&journal_csv);
+    assert_eq!(rows.len(), entries.len());
+    let credits: u128 = rows.iter().map(|r| nsat_cell(r, 5)).sum();
+    let report = tribute_daemon::reconcile::reconcile_file(&file).expect("reconcile");
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(credits, report.totals.pools_nsat);
+    for c in &report.channels {
+        let last =
+            rows.iter().rev().find(|r| r.get(3) == Some(c.channel_id.as_str())).expect("rows");
+        assert_eq!(nsat_cell(last, 7), c.outstanding_nsat, "{}", c.channel_id);
+    }
+
+    // Bad input: a clear error.
+    let bad = tribute(&url, &root, &["report", "statement", &db, "--contributor", "zz"]).await;
+    assert!(!bad.status.success() && stderr(&bad).contains("--contributor"), "{}", stderr(&bad));
+    let out = tribute(
+        &url,
+        &root,
+        &[
+            "report",
+            "statement",
+            &db,
+            "--contributor",
+            &key,
+            "--from",
+            &t2.to_string(),
+            "--until",
+            &t1.to_string(),
+        ],
+    )
+    .await;
+    assert!(!out.status.success() && stderr(&out).contains("period"), "{}", stderr(&out));
 
     d.shutdown().await.expect("shutdown");
 }

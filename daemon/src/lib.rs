@@ -17,6 +17,7 @@ pub mod meter;
 pub mod metrics;
 pub mod reconcile;
 pub mod registry;
+pub mod report;
 pub mod server;
 pub mod settlement;
 pub mod store;
