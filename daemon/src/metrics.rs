@@ -5,6 +5,7 @@
 //! the metering code; balances are read from the database at scrape time, so they are
 //! exact and cost nothing between scrapes.
 
+use crate::lightning::DynLightningBackend;
 use crate::store::{self, SharedConn};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -32,6 +33,13 @@ pub struct ChannelLabel {
     pub contributor: String,
 }
 
+/// Label of a settlement status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// `pending`, `succeeded` or `failed`.
+    pub status: String,
+}
+
 /// Every series the daemon exports.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -53,6 +61,27 @@ pub struct Metrics {
     pub channel_outstanding_msat: Family<ChannelLabel, Gauge>,
     /// `tribute_channels`: channel count.
     pub channels: Gauge,
+    /// `tribute_settlements{status}`: settlements by status (at scrape time).
+    pub settlements: Family<StatusLabel, Gauge>,
+    /// `tribute_settled_msat`: Σ succeeded settlements (at scrape time).
+    pub settled_msat: Gauge,
+    /// `tribute_settlement_fees_msat`: Σ routing fees of succeeded settlements.
+    pub settlement_fees_msat: Gauge,
+    /// `tribute_settlement_oldest_pending_seconds`: age of the oldest pending settlement (0:
+    /// none) — a stuck payment shows here.
+    pub oldest_pending_secs: Gauge,
+    /// `tribute_payable_msat`: Σ whole msat owed now over channels (what the next round
+    /// would pay, before `min_payout_msat`).
+    pub payable_msat: Gauge,
+    /// `tribute_lightning_outbound_msat`: what the node can send now over usable channels.
+    pub ln_outbound_msat: Gauge,
+    /// `tribute_lightning_inbound_msat`: what the node can receive now.
+    pub ln_inbound_msat: Gauge,
+    /// `tribute_lightning_channels{status}`: `total` and `usable` Lightning channels.
+    pub ln_channels: Family<StatusLabel, Gauge>,
+    /// `tribute_lightning_up`: 1 when the node answered the last scrape, 0 when it did not
+    /// or the daemon has none.
+    pub ln_up: Gauge,
 }
 
 impl Metrics {
@@ -70,6 +99,15 @@ impl Metrics {
             channel_accrued_msat: Family::default(),
             channel_outstanding_msat: Family::default(),
             channels: Gauge::default(),
+            settlements: Family::default(),
+            settled_msat: Gauge::default(),
+            settlement_fees_msat: Gauge::default(),
+            oldest_pending_secs: Gauge::default(),
+            payable_msat: Gauge::default(),
+            ln_outbound_msat: Gauge::default(),
+            ln_inbound_msat: Gauge::default(),
+            ln_channels: Family::default(),
+            ln_up: Gauge::default(),
         };
         r.register("meter_requests", "Metering calls by outcome", m.meter_requests.clone());
         r.register(
@@ -96,6 +134,35 @@ impl Metrics {
             m.channel_outstanding_msat.clone(),
         );
         r.register("channels", "Channels", m.channels.clone());
+        r.register("settlements", "Settlements by status", m.settlements.clone());
+        r.register("settled_msat", "Paid by succeeded settlements, msat", m.settled_msat.clone());
+        r.register(
+            "settlement_fees_msat",
+            "Routing fees of succeeded settlements, msat",
+            m.settlement_fees_msat.clone(),
+        );
+        r.register(
+            "settlement_oldest_pending_seconds",
+            "Age of the oldest pending settlement (0: none)",
+            m.oldest_pending_secs.clone(),
+        );
+        r.register("payable_msat", "Whole msat owed now over all channels", m.payable_msat.clone());
+        r.register(
+            "lightning_outbound_msat",
+            "What the Lightning node can send now",
+            m.ln_outbound_msat.clone(),
+        );
+        r.register(
+            "lightning_inbound_msat",
+            "What the Lightning node can receive now",
+            m.ln_inbound_msat.clone(),
+        );
+        r.register(
+            "lightning_channels",
+            "Lightning channels (total, usable)",
+            m.ln_channels.clone(),
+        );
+        r.register("lightning_up", "Whether the Lightning node answered", m.ln_up.clone());
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = r;
         Arc::new(m)
     }
@@ -118,14 +185,75 @@ impl Metrics {
         self.channel_accrued_msat.clear();
         self.channel_outstanding_msat.clear();
         self.channels.set(channels.len() as i64);
+        let mut payable = 0u128;
         for c in channels {
             let label = ChannelLabel { contributor: hex::encode(c.contributor_key.to_bytes()) };
             let accrued = c.head.accrued_nsat.0 / 1_000_000;
             let outstanding = accrued.saturating_sub(u128::from(c.head.settled_msat.0));
+            payable += outstanding;
             self.channel_accrued_msat.get_or_create(&label).set(gauge(accrued));
             self.channel_outstanding_msat.get_or_create(&label).set(gauge(outstanding));
         }
+        self.payable_msat.set(gauge(payable));
+        self.refresh_settlements(conn)
+    }
+
+    /// Refreshes the settlement series from the `settlements` table.
+    fn refresh_settlements(&self, conn: &rusqlite::Connection) -> Result<(), store::StoreError> {
+        self.settlements.clear();
+        for status in ["pending", "succeeded", "failed"] {
+            self.settlements.get_or_create(&StatusLabel { status: status.into() }).set(0);
+        }
+        let mut stmt = conn.prepare_cached(
+            "SELECT status, COUNT(*), SUM(CASE WHEN status = 'succeeded' THEN amount_msat END),
+                    SUM(fee_msat), MIN(created_at)
+             FROM settlements GROUP BY status",
+        )?;
+        let mut rows = stmt.query([])?;
+        let (mut settled, mut fees, mut oldest_pending) = (0i64, 0i64, None);
+        while let Some(r) = rows.next()? {
+            let status: String = r.get(0)?;
+            let count: i64 = r.get(1)?;
+            self.settlements.get_or_create(&StatusLabel { status: status.clone() }).set(count);
+            if status == "succeeded" {
+                settled = r.get::<_, Option<i64>>(2)?.unwrap_or(0);
+                fees = r.get::<_, Option<i64>>(3)?.unwrap_or(0);
+            }
+            if status == "pending" {
+                oldest_pending = r.get::<_, Option<i64>>(4)?;
+            }
+        }
+        self.settled_msat.set(settled);
+        self.settlement_fees_msat.set(fees);
+        let now = i64::try_from(crate::ledger::unix_now()).unwrap_or(i64::MAX);
+        self.oldest_pending_secs.set(oldest_pending.map_or(0, |t| now.saturating_sub(t).max(0)));
         Ok(())
+    }
+
+    /// Refreshes the Lightning series from the node (`None`: the daemon has none).
+    pub async fn refresh_lightning(&self, node: Option<&DynLightningBackend>) {
+        let info = match node {
+            Some(n) => n.node_info().await.ok(),
+            None => None,
+        };
+        self.ln_channels.clear();
+        match info {
+            Some(i) => {
+                self.ln_up.set(1);
+                self.ln_outbound_msat.set(gauge(u128::from(i.channels.outbound_capacity_msat)));
+                self.ln_inbound_msat.set(gauge(u128::from(i.channels.inbound_capacity_msat)));
+                for (status, n) in [("total", i.channels.total), ("usable", i.channels.usable)] {
+                    self.ln_channels
+                        .get_or_create(&StatusLabel { status: status.into() })
+                        .set(i64::from(n));
+                }
+            }
+            None => {
+                self.ln_up.set(0);
+                self.ln_outbound_msat.set(0);
+                self.ln_inbound_msat.set(0);
+            }
+        }
     }
 
     /// The text exposition.
@@ -145,6 +273,7 @@ pub async fn serve(
     reader: SharedConn,
     network: Network,
     provider_key: PublicKey,
+    lightning: Option<DynLightningBackend>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
@@ -152,8 +281,9 @@ pub async fn serve(
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let (metrics, reader) = (metrics.clone(), reader.clone());
+            let (metrics, reader, lightning) = (metrics.clone(), reader.clone(), lightning.clone());
             async move {
+                metrics.refresh_lightning(lightning.as_ref()).await;
                 let m = metrics.clone();
                 let refreshed = tokio::task::spawn_blocking(move || {
                     m.refresh_balances(&store::lock(&reader), network, provider_key)

@@ -353,6 +353,7 @@ pub async fn start_with(
                 reader.clone(),
                 config.network,
                 provider_key,
+                options.lightning.clone(),
                 async move {
                     let _ = stopped.recv().await;
                 },

@@ -72,6 +72,86 @@ async fn metrics_are_scraped_with_balances() {
     assert!((total_msat as i64 - sum).abs() <= 2, "accrued {accrued:?} vs {total_msat}");
     assert!(body.contains("tribute_channel_outstanding_msat{"));
     assert!(body.contains("# TYPE tribute_meter_latency_seconds histogram"));
+    // No Lightning node: its series say so; nothing settled; everything accrued is payable.
+    assert_eq!(value("tribute_lightning_up"), 0.0);
+    assert_eq!(value("tribute_settlements{status=\"succeeded\"}"), 0.0);
+    assert_eq!(value("tribute_settled_msat"), 0.0);
+    assert_eq!(value("tribute_payable_msat"), sum as f64);
+}
+
+/// With a Lightning node and a settlement round: settlement outcomes, paid amounts, fees,
+/// nothing stuck, liquidity from the node, nothing payable left.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_show_settlements_and_lightning_liquidity() {
+    use std::sync::Arc;
+    use tribute_daemon::lightning::{
+        LightningBackend, OnchainBalance, OpenChannelRequest, ScriptedBackend,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path());
+    config.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    config.settlement.settle_every_secs = 86_400;
+    config.settlement.min_payout_msat = 1;
+    let backend = Arc::new(ScriptedBackend::new());
+    backend.set_onchain_balance(OnchainBalance {
+        total_sat: 2_000_000,
+        spendable_sat: 2_000_000,
+        ..Default::default()
+    });
+    let mut node_id = [2u8; 33];
+    node_id[1..].copy_from_slice(&pubkey(11).to_bytes());
+    backend
+        .open_channel(OpenChannelRequest {
+            node_id,
+            addr: "127.0.0.1:9735".into(),
+            amount_sat: 1_000_000,
+            push_msat: 250_000_000,
+            announce: false,
+        })
+        .await
+        .expect("scripted channel");
+    let options = server::StartOptions {
+        lightning: Some(backend.clone()),
+        settlement: tribute_daemon::settlement::EngineOptions {
+            tick: Duration::from_millis(50),
+            poll_interval: Duration::from_millis(20),
+            ..Default::default()
+        },
+    };
+    let d = TestDaemon::start_with_options(config, options).await;
+    setup_model(&d, "m", &[(11, 1), (12, 3)], 1_000_000).await;
+    let mut meter = d.metering(Some(&d.provider_token)).await;
+    for i in 0..30u64 {
+        meter.meter(usage_request(&format!("s-{i}"), "m", 3_000_000, 0)).await.expect("meter");
+    }
+    d.running().settlement.settle_now_and_wait().await;
+    let body = scrape(d.running().metrics_addr.expect("metrics enabled")).await;
+    let value = |series: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("no {series} in {body}"))
+            .parse()
+            .expect("number")
+    };
+    let paid: u64 = backend.sent_payments().iter().map(|p| p.amount_msat).sum();
+    assert!(paid > 0);
+    assert_eq!(value("tribute_settlements{status=\"succeeded\"}"), 2.0);
+    assert_eq!(value("tribute_settlements{status=\"pending\"}"), 0.0);
+    assert_eq!(value("tribute_settlements{status=\"failed\"}"), 0.0);
+    assert_eq!(value("tribute_settled_msat"), paid as f64);
+    assert!(value("tribute_settlement_fees_msat") >= 0.0);
+    assert_eq!(value("tribute_settlement_oldest_pending_seconds"), 0.0);
+    assert_eq!(value("tribute_payable_msat"), 0.0);
+    assert_eq!(value("tribute_lightning_up"), 1.0);
+    // The node's own figures (the scripted node does not move balances on payment).
+    let chans = backend.list_channels().await.expect("channels");
+    let out: u64 = chans.iter().map(|c| c.outbound_capacity_msat).sum();
+    let inbound: u64 = chans.iter().map(|c| c.inbound_capacity_msat).sum();
+    assert_eq!((out, inbound), (750_000_000, 250_000_000));
+    assert_eq!(value("tribute_lightning_outbound_msat"), out as f64);
+    assert_eq!(value("tribute_lightning_inbound_msat"), inbound as f64);
+    assert_eq!(value("tribute_lightning_channels{status=\"usable\"}"), 1.0);
+    assert_eq!(value("tribute_lightning_channels{status=\"total\"}"), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
