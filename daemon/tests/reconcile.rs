@@ -520,6 +520,36 @@ fn a_settlement_missing_from_the_ledger_is_found() {
 }
 
 #[test]
+fn a_signed_state_with_a_bad_signature_is_found() {
+    let (_dir, path) = copy("bad-signature");
+    let conn = open(&path);
+    let (channel, seq, mut state): (Vec<u8>, i64, Vec<u8>) = conn
+        .query_row(
+            "SELECT channel_id, seq, state FROM channel_states ORDER BY channel_id, seq LIMIT 1 OFFSET 3",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .expect("a signed state");
+    let last = state.len() - 1;
+    state[last] ^= 0x01;
+    conn.execute(
+        "UPDATE channel_states SET state = ?1 WHERE channel_id = ?2 AND seq = ?3",
+        rusqlite::params![state, channel, seq],
+    )
+    .expect("update");
+    drop(conn);
+    let report = reconciled(&path);
+    assert_finding(
+        &report,
+        Check::ChannelBalances,
+        "channel_states",
+        &format!("channel_id={} seq={seq}", hex::encode(&channel)),
+        "signature does not verify",
+    );
+    assert_eq!(report.failures.len(), 1, "{report}");
+}
+
+#[test]
 fn a_receipt_whose_batch_row_is_gone_is_found() {
     let (_dir, path) = copy("deleted-batch");
     let conn = open(&path);
@@ -720,42 +750,50 @@ fn the_cli_exits_zero_on_a_clean_copy_and_names_the_record_otherwise() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open"));
 }
 
-/// Not a test: builds a ledger of `TRIBUTE_RECONCILE_EVENTS` (default 200,000) requests over
-/// `MeterStream` and prints how long reconciling it takes (the figure in the report; no
-/// timed assertion). `cargo test -p tribute-daemon --test reconcile -- --ignored --nocapture`
+/// Not a test: builds a ledger of `TRIBUTE_RECONCILE_EVENTS` (default 200,000) requests and
+/// prints how long reconciling it takes (the figure in the report; no timed assertion).
+/// `TRIBUTE_RECONCILE_CALLERS=n` meters through n concurrent unary callers (small batches:
+/// one signed root per few requests) instead of one `MeterStream` (large batches);
+/// `TRIBUTE_RECONCILE_KEEP=FILE` keeps a copy of the database there.
+/// `cargo test -p tribute-daemon --test reconcile -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "builds a large ledger and prints the reconcile time"]
 async fn time_reconcile_on_a_large_ledger() {
     use futures::StreamExt;
-    let n: u64 = std::env::var("TRIBUTE_RECONCILE_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
+    let env = |name: &str, default: u64| {
+        std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    };
+    let (n, callers) =
+        (env("TRIBUTE_RECONCILE_EVENTS", 200_000), env("TRIBUTE_RECONCILE_CALLERS", 0));
     let dir = tempfile::tempdir().expect("tempdir");
     let mut d = TestDaemon::start_with(config(dir.path())).await;
     setup_model(&d, MODEL_A, &OWNERS_A, 700_000).await;
     setup_model(&d, MODEL_B, &OWNERS_B, 450_000).await;
     let started = std::time::Instant::now();
-    let (tx, rx) = tokio::sync::mpsc::channel(4096);
-    tokio::spawn(async move {
-        for i in 0..n {
-            if tx.send(request(i, "big")).await.is_err() {
-                return;
+    if callers > 0 {
+        meter_concurrently(&d, "big", n, callers).await;
+    } else {
+        let (tx, rx) = tokio::sync::mpsc::channel(4096);
+        tokio::spawn(async move {
+            for i in 0..n {
+                if tx.send(request(i, "big")).await.is_err() {
+                    return;
+                }
             }
+        });
+        let mut client = d.metering(Some(&d.provider_token)).await;
+        let mut responses = client
+            .meter_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("stream")
+            .into_inner();
+        let mut answered = 0u64;
+        while let Some(r) = responses.next().await {
+            r.expect("metered");
+            answered += 1;
         }
-    });
-    let mut client = d.metering(Some(&d.provider_token)).await;
-    let mut responses = client
-        .meter_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
-    let mut answered = 0u64;
-    while let Some(r) = responses.next().await {
-        r.expect("metered");
-        answered += 1;
+        assert_eq!(answered, n);
     }
-    assert_eq!(answered, n);
     d.running().flush().await;
     d.stop().await;
     println!("metered {n} requests in {:?}", started.elapsed());
@@ -772,5 +810,9 @@ async fn time_reconcile_on_a_large_ledger() {
             report.checked.channel_states,
             report.checked.meter_events as f64 / took.as_secs_f64()
         );
+    }
+    if let Ok(keep) = std::env::var("TRIBUTE_RECONCILE_KEEP") {
+        let conn = rusqlite::Connection::open(&db).expect("open");
+        tribute_daemon::store::backup(&conn, Path::new(&keep)).expect("keep a copy");
     }
 }
