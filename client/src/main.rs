@@ -743,6 +743,7 @@ async fn demo(args: DemoArgs) -> Result<(), ClientError> {
                 println!("Still running (Ctrl-C stops):");
                 println!("  gRPC      http://{}", report.grpc_addr);
                 if let Some(m) = report.metrics_addr {
+                    println!("  dashboard http://{m}/");
                     println!("  metrics   http://{m}/metrics");
                 }
                 println!("  operator  TRIBUTE_CLI_TOKEN={}", report.operator_token);

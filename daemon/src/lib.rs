@@ -6,6 +6,7 @@ pub use tribute_channels as channels;
 
 pub mod auth;
 pub mod config;
+pub mod dashboard;
 pub mod devchain;
 pub mod error;
 pub mod grpc;

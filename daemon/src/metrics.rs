@@ -1,4 +1,5 @@
-//! Prometheus metrics, served over HTTP at `/metrics` on `metrics_listen`.
+//! Prometheus metrics, served over HTTP at `/metrics` on `metrics_listen` (with the read-only
+//! dashboard, [`crate::dashboard`], at `/`).
 //!
 //! One registry per daemon (not a process-global recorder), so several daemons in one
 //! process — the tests — keep separate figures. Hot-path counters are atomics updated by
@@ -7,6 +8,7 @@
 
 use crate::lightning::DynLightningBackend;
 use crate::store::{self, SharedConn};
+use axum::response::IntoResponse;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -278,30 +280,55 @@ pub async fn serve(
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let (metrics, reader, lightning) = (metrics.clone(), reader.clone(), lightning.clone());
-            async move {
-                metrics.refresh_lightning(lightning.as_ref()).await;
-                let m = metrics.clone();
-                let refreshed = tokio::task::spawn_blocking(move || {
-                    m.refresh_balances(&store::lock(&reader), network, provider_key)
-                })
-                .await;
-                if let Ok(Err(e)) = refreshed {
-                    tracing::warn!("metrics: balances not refreshed: {e}");
+    let scrape_lightning = lightning.clone();
+    let (dash_reader, dash_lightning) = (reader.clone(), lightning);
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let (metrics, reader, lightning) =
+                    (metrics.clone(), reader.clone(), scrape_lightning.clone());
+                async move {
+                    metrics.refresh_lightning(lightning.as_ref()).await;
+                    let m = metrics.clone();
+                    let refreshed = tokio::task::spawn_blocking(move || {
+                        m.refresh_balances(&store::lock(&reader), network, provider_key)
+                    })
+                    .await;
+                    if let Ok(Err(e)) = refreshed {
+                        tracing::warn!("metrics: balances not refreshed: {e}");
+                    }
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
                 }
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    metrics.encode(),
-                )
-            }
-        }),
-    );
+            }),
+        )
+        .route(
+            "/",
+            axum::routing::get(|| async { axum::response::Html(crate::dashboard::INDEX_HTML) }),
+        )
+        .route(
+            "/api/dashboard",
+            axum::routing::get(move || {
+                let (reader, lightning) = (dash_reader.clone(), dash_lightning.clone());
+                async move {
+                    match crate::dashboard::snapshot(reader, network, provider_key, lightning).await
+                    {
+                        Ok(snap) => axum::Json(snap).into_response(),
+                        Err(e) => {
+                            tracing::warn!("dashboard: {e}");
+                            (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+                                .into_response()
+                        }
+                    }
+                }
+            }),
+        );
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
             tracing::error!("metrics server: {e}");
