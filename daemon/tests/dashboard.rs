@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tribute_daemon::lightning::ScriptedBackend;
 use tribute_daemon::server::StartOptions;
 use tribute_daemon::settlement::EngineOptions;
@@ -63,19 +62,6 @@ fn browse(browser: &Path, profile: &Path, url: &str, args: &[&str]) -> std::proc
         .expect("chromium runs")
 }
 
-async fn get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut body = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut body))
-        .await
-        .expect("in time")
-        .expect("read");
-    body
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_dashboard_shows_live_data_in_a_real_browser() {
     let browser = tokio::task::spawn_blocking(chromium).await.expect("joined");
@@ -108,7 +94,7 @@ async fn the_dashboard_shows_live_data_in_a_real_browser() {
     let addr = d.running().metrics_addr.expect("metrics listener");
 
     // The API: every channel, a non-empty series, the settlements, the liquidity alert.
-    let api = get(addr, "/api/dashboard").await;
+    let api = http_get(addr, "/api/dashboard").await;
     let json: serde_json::Value =
         serde_json::from_str(api.split("\r\n\r\n").nth(1).expect("body")).expect("json");
     assert_eq!(json["channels"].as_array().map(Vec::len), Some(3), "{json}");

@@ -4,20 +4,12 @@ mod common;
 
 use common::*;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tribute_daemon::config::TlsConfig;
 use tribute_daemon::server;
 
 async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.expect("write");
-    let mut body = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut body))
-        .await
-        .expect("in time")
-        .expect("read");
-    body
+    http_get(addr, "/metrics").await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -44,13 +36,7 @@ async fn metrics_are_scraped_with_balances() {
     d.running().flush().await;
     let body = scrape(d.running().metrics_addr.expect("metrics enabled")).await;
     assert!(body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"), "{body}");
-    let value = |series: &str| -> f64 {
-        body.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-            .unwrap_or_else(|| panic!("no {series} in {body}"))
-            .parse()
-            .expect("number")
-    };
+    let value = |series: &str| series_value(&body, series);
     assert_eq!(value("tribute_meter_requests_total{outcome=\"accepted\"}"), 40.0);
     assert_eq!(value("tribute_meter_requests_total{outcome=\"replayed\"}"), 1.0);
     assert_eq!(value("tribute_meter_requests_total{outcome=\"rejected\"}"), 1.0);
@@ -126,13 +112,7 @@ async fn metrics_show_settlements_and_lightning_liquidity() {
     }
     d.running().settlement.settle_now_and_wait().await;
     let body = scrape(d.running().metrics_addr.expect("metrics enabled")).await;
-    let value = |series: &str| -> f64 {
-        body.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-            .unwrap_or_else(|| panic!("no {series} in {body}"))
-            .parse()
-            .expect("number")
-    };
+    let value = |series: &str| series_value(&body, series);
     let paid: u64 = backend.sent_payments().iter().map(|p| p.amount_msat).sum();
     assert!(paid > 0);
     assert_eq!(value("tribute_settlements{status=\"succeeded\"}"), 2.0);

@@ -316,3 +316,28 @@ pub fn db_total_pools(path: &Path) -> u128 {
     })
     .expect("sum") as u128
 }
+
+/// `GET path` over HTTP/1.0 from `addr`: the whole response, headers included.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut body))
+        .await
+        .expect("in time")
+        .expect("read");
+    body
+}
+
+/// The value of `series` (name and labels, exactly) in a Prometheus text exposition.
+pub fn series_value(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {series} in {exposition}"))
+        .parse()
+        .expect("number")
+}
