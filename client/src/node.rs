@@ -848,6 +848,49 @@ impl Follower {
     }
 }
 
+/// Refusals whose two signed states the daemon is told about (`ReportMisbehaviour`): the
+/// daemon verifies the proof itself, so a refusal that proves nothing (an old state re-sent
+/// looks like a regression to the node) is only logged.
+const REPORTED_KINDS: &[&str] = &["EQUIVOCATION", "STATE_REGRESSION"];
+
+/// The proof just kept (the newest proof among the rejections): (held, received).
+fn latest_proof(store: &NodeStore) -> Option<(Vec<u8>, Vec<u8>)> {
+    match store.status() {
+        Ok(st) => st
+            .rejections
+            .into_iter()
+            .rev()
+            .find(|r| r.is_proof)
+            .and_then(|r| Some((r.held?, r.received))),
+        Err(e) => {
+            tracing::warn!("cannot read the proof to report it: {e}");
+            None
+        }
+    }
+}
+
+/// Reports a proof to the daemon's operator. A failure is logged, never fatal: the proof
+/// stays in the node's records either way.
+async fn report_proof(
+    (held, received): (Vec<u8>, Vec<u8>),
+    client: &mut ChannelsClient<crate::connect::Authed>,
+) {
+    let request = pb::ReportMisbehaviourRequest { held_state: held, received_state: received };
+    match client.report_misbehaviour(request).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            tracing::error!(
+                kind = r.kind,
+                report_id = r.report_id,
+                "reported provider misbehaviour to the daemon's operator with its proof"
+            );
+        }
+        Err(s) => {
+            tracing::warn!("the daemon did not take the report ({}): {}", s.code(), s.message())
+        }
+    }
+}
+
 /// The node's settings.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -949,6 +992,7 @@ async fn session(
         Some(f) if f.channel_id() == params.channel_id() => f.resubscribed(),
         _ => *follower = Some(Follower::load(store, params, now)?),
     }
+    let mut reporter = client.clone();
     let mut events = client
         .subscribe_channel(pb::SubscribeChannelRequest {
             contributor_key: vec![],
@@ -963,6 +1007,11 @@ async fn session(
         let Some(f) = follower.as_mut() else { break };
         match f.on_event(store, ev, crate::time::unix_now())? {
             Seen::Accepted { .. } | Seen::Resent => *failures = 0,
+            Seen::Refused { kind } if REPORTED_KINDS.contains(&kind.as_str()) => {
+                if let Some(proof) = latest_proof(store) {
+                    report_proof(proof, &mut reporter).await;
+                }
+            }
             Seen::Refused { kind } if kind == "WRONG_CHANNEL" => {
                 // A re-opened channel has a new id: fetch it again.
                 return Ok(());

@@ -388,7 +388,20 @@ async fn statements_chain_across_periods_and_exports_agree() {
     ledger(&url, &root, &provider).await;
     let t1 = after(t0).await;
     meter(&url, &provider, "b", 30).await;
-    d.settlement.settle_now_and_wait().await;
+    // Both contributors paid (a round may end with a payout still in flight).
+    let db_path = tribute_daemon::server::database_path(&dir.path().join("daemon"));
+    loop {
+        d.settlement.settle_now_and_wait().await;
+        let conn = rusqlite::Connection::open(&db_path).expect("open");
+        let done: i64 = conn
+            .query_row("SELECT COUNT(*) FROM settlements WHERE status = 'succeeded'", [], |r| {
+                r.get(0)
+            })
+            .expect("count");
+        if done == 2 {
+            break;
+        }
+    }
     let t2 = after(now()).await;
     meter(&url, &provider, "c", 20).await;
     let t3 = after(now()).await;

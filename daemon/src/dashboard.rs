@@ -1,6 +1,7 @@
 //! The read-only web dashboard, served with `/metrics` on `metrics_listen`: channel
 //! balances, the accrual rate over time (a chart), settlement history and alerts (stuck
-//! pending settlements, too little Lightning liquidity for what is owed, the node down).
+//! pending settlements, too little Lightning liquidity for what is owed, the node down, and
+//! every verified report of provider misbehaviour — `Channels.ReportMisbehaviour`).
 //!
 //! `/` is one self-contained page (no external scripts, styles or fonts: it works offline
 //! and behind strict networks); it polls `/api/dashboard`, a JSON snapshot read from the
@@ -81,7 +82,7 @@ pub struct LightningView {
 /// An alert.
 #[derive(Debug, Serialize)]
 pub struct Alert {
-    /// `stuck_settlement`, `low_liquidity` or `lightning_down`.
+    /// `misbehaviour`, `stuck_settlement`, `low_liquidity` or `lightning_down`.
     pub kind: &'static str,
     /// For people.
     pub message: String,
@@ -171,6 +172,24 @@ fn read(
         [],
         |r| r.get(0),
     )?;
+    let mut alerts = Vec::new();
+    let mut stmt = conn.prepare_cached(
+        "SELECT report_id, kind, seq, contributor_key, reported_at FROM misbehaviour_reports
+         ORDER BY report_id DESC LIMIT 20",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let (id, kind, seq): (i64, String, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        let (who, at): (Vec<u8>, i64) = (r.get(3)?, r.get(4)?);
+        alerts.push(Alert {
+            kind: "misbehaviour",
+            message: format!(
+                "PROVIDER MISBEHAVIOUR proven (report {id}): {kind} at seq {seq} on the channel of \
+                 {}, reported at {at}; the signed states are in misbehaviour_reports",
+                hex::encode(who)
+            ),
+        });
+    }
     let snapshot = Snapshot {
         now,
         provider_key: hex::encode(provider_key.to_bytes()),
@@ -180,7 +199,7 @@ fn read(
         bucket_secs: BUCKET_SECS,
         settlements,
         lightning: None,
-        alerts: Vec::new(),
+        alerts,
     };
     Ok((snapshot, payable, oldest_pending.and_then(|t| u64::try_from(t).ok())))
 }

@@ -84,6 +84,9 @@ pub struct Metrics {
     /// `tribute_lightning_up`: 1 when the node answered the last scrape, 0 when it did not
     /// or the daemon has none.
     pub ln_up: Gauge,
+    /// `tribute_misbehaviour_reports`: verified proofs of provider misbehaviour (any above
+    /// zero needs the operator at once).
+    pub misbehaviour_reports: Gauge,
 }
 
 impl Metrics {
@@ -110,6 +113,7 @@ impl Metrics {
             ln_inbound_msat: Gauge::default(),
             ln_channels: Family::default(),
             ln_up: Gauge::default(),
+            misbehaviour_reports: Gauge::default(),
         };
         r.register("meter_requests", "Metering calls by outcome", m.meter_requests.clone());
         r.register(
@@ -165,6 +169,11 @@ impl Metrics {
             m.ln_channels.clone(),
         );
         r.register("lightning_up", "Whether the Lightning node answered", m.ln_up.clone());
+        r.register(
+            "misbehaviour_reports",
+            "Verified proofs of provider misbehaviour reported by contributors",
+            m.misbehaviour_reports.clone(),
+        );
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = r;
         Arc::new(m)
     }
@@ -226,6 +235,11 @@ impl Metrics {
             }
         }
         self.settled_msat.set(settled);
+        self.misbehaviour_reports.set(conn.query_row(
+            "SELECT COUNT(*) FROM misbehaviour_reports",
+            [],
+            |r| r.get(0),
+        )?);
         self.settlement_fees_msat.set(fees);
         let now = i64::try_from(crate::ledger::unix_now()).unwrap_or(i64::MAX);
         self.oldest_pending_secs.set(oldest_pending.map_or(0, |t| now.saturating_sub(t).max(0)));

@@ -316,6 +316,7 @@ pub async fn start_with(
                 reader.clone(),
                 config.network,
                 provider_key,
+                crate::grpc::Database { path: db.clone(), durability },
             ))
             .max_decoding_message_size(max),
             i.clone(),

@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
+use tribute_channels::channel::ChannelState;
+use tribute_channels::codec::Encode;
+use tribute_channels::Signed;
 use tribute_daemon::lightning::ScriptedBackend;
 use tribute_daemon::server::StartOptions;
 use tribute_daemon::settlement::EngineOptions;
@@ -86,12 +89,61 @@ async fn the_dashboard_shows_live_data_in_a_real_browser() {
     for i in 0..60u64 {
         meter.meter(usage_request(&format!("a-{i}"), "m", 2_000_000, 9)).await.expect("meter");
     }
-    d.running().settlement.settle_now_and_wait().await;
+    settle_until_succeeded(&d, 3).await;
     for i in 0..30u64 {
         meter.meter(usage_request(&format!("b-{i}"), "m", 2_000_000, 9)).await.expect("meter");
     }
     d.running().flush().await;
     let addr = d.running().metrics_addr.expect("metrics listener");
+
+    // A contributor reports provider misbehaviour with its proof: a second state signed for
+    // the seq it holds (forged here with the provider's key file, as a compromised key or a
+    // bug would). The daemon verifies and keeps it; the same proof again changes nothing;
+    // states that prove nothing, or another contributor's channel, are refused.
+    let provider = tribute_daemon::keys::load_or_create_keypair(
+        &d.dir.join(tribute_daemon::server::files::PROVIDER_KEY),
+    )
+    .expect("provider key");
+    let channel = d
+        .channels(Some(&d.operator_token))
+        .await
+        .get_channel(tribute_proto::v1::GetChannelRequest {
+            contributor_key: pubkey(21).to_bytes().to_vec(),
+            channel_id: vec![],
+        })
+        .await
+        .expect("channel")
+        .into_inner();
+    let held = channel.latest_state.expect("state").signed_state;
+    let mut forked = Signed::<ChannelState>::decode(&held).expect("state").message;
+    forked.accrued_nsat.0 += 1;
+    let received = Signed::sign(forked, &provider, &[9; 32]).expect("sign").encode();
+    let report = |who: u64, held: Vec<u8>, received: Vec<u8>| {
+        let d = &d;
+        async move {
+            let token = d.login(who).await;
+            d.channels(Some(&token))
+                .await
+                .report_misbehaviour(tribute_proto::v1::ReportMisbehaviourRequest {
+                    held_state: held,
+                    received_state: received,
+                })
+                .await
+        }
+    };
+    let first = report(21, held.clone(), received.clone()).await.expect("report").into_inner();
+    assert_eq!((first.kind.as_str(), first.new_report), ("equivocation", true));
+    let again = report(21, held.clone(), received.clone()).await.expect("again").into_inner();
+    assert_eq!((again.report_id, again.new_report), (first.report_id, false));
+    let before = db_fingerprint(&d.db_path());
+    let nothing = report(21, held.clone(), held.clone()).await.expect_err("proves nothing");
+    assert_eq!(nothing.code(), tonic::Code::InvalidArgument);
+    assert!(nothing.message().contains("prove nothing"), "{nothing:?}");
+    let other = report(22, held.clone(), received.clone()).await.expect_err("not theirs");
+    assert_eq!(other.code(), tonic::Code::PermissionDenied);
+    assert_eq!(db_fingerprint(&d.db_path()), before, "refused reports change nothing");
+    let metrics = http_get(addr, "/metrics").await;
+    assert_eq!(series_value(&metrics, "tribute_misbehaviour_reports"), 1.0);
 
     // The API: every channel, a non-empty series, the settlements, the liquidity alert.
     let api = http_get(addr, "/api/dashboard").await;
@@ -103,11 +155,13 @@ async fn the_dashboard_shows_live_data_in_a_real_browser() {
         .expect("series")
         .iter()
         .any(|v| v.as_str() != Some("0")));
-    assert_eq!(json["settlements"].as_array().map(Vec::len), Some(3));
-    assert!(
-        json["alerts"].as_array().expect("alerts").iter().any(|a| a["kind"] == "low_liquidity"),
-        "{json}"
-    );
+    assert_eq!(json["settlements"].as_array().map(Vec::len), Some(3), "{json}");
+    for kind in ["low_liquidity", "misbehaviour"] {
+        assert!(
+            json["alerts"].as_array().expect("alerts").iter().any(|a| a["kind"] == kind),
+            "no {kind} alert: {json}"
+        );
+    }
 
     // The page in chromium: scripts ran, fetched the snapshot and rendered it.
     let profile = tempfile::tempdir().expect("profile");
@@ -132,6 +186,7 @@ async fn the_dashboard_shows_live_data_in_a_real_browser() {
     assert!(dom.contains("id=\"accrual-line\" d=\"M"), "the chart has a line: {dom}");
     assert_eq!(dom.matches("class=\"succeeded\"").count(), 3, "{dom}");
     assert!(dom.contains("data-kind=\"low_liquidity\""), "{dom}");
+    assert!(dom.contains("data-kind=\"misbehaviour\""), "{dom}");
 
     // A screenshot, kept with the build's temporary files.
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");

@@ -110,7 +110,7 @@ async fn metrics_show_settlements_and_lightning_liquidity() {
     for i in 0..30u64 {
         meter.meter(usage_request(&format!("s-{i}"), "m", 3_000_000, 0)).await.expect("meter");
     }
-    d.running().settlement.settle_now_and_wait().await;
+    settle_until_succeeded(&d, 2).await;
     let body = scrape(d.running().metrics_addr.expect("metrics enabled")).await;
     let value = |series: &str| series_value(&body, series);
     let paid: u64 = backend.sent_payments().iter().map(|p| p.amount_msat).sum();

@@ -91,6 +91,13 @@ impl pb::channels_server::Channels for Forward {
     ) -> Result<Response<pb::ListChannelsResponse>, Status> {
         ChannelsClient::new(self.upstream.clone()).list_channels(upstream_request(req)).await
     }
+
+    async fn report_misbehaviour(
+        &self,
+        req: Request<pb::ReportMisbehaviourRequest>,
+    ) -> Result<Response<pb::ReportMisbehaviourResponse>, Status> {
+        ChannelsClient::new(self.upstream.clone()).report_misbehaviour(upstream_request(req)).await
+    }
 }
 
 /// A running proxy; stops when dropped.

@@ -358,6 +358,25 @@ async fn states_tampered_on_the_wire_are_refused_kept_and_reported_while_the_nod
     assert!(st.rejections.iter().all(|r| r.held.as_deref() == Some(&latest.encode()[..])));
     assert_eq!(st.proofs().count(), 2);
     assert!(st.channels[0].latest.unwrap().message.seq > latest.message.seq);
+    // The node reported both proofs; the daemon verified them and kept the equivocation
+    // only (the "regression" was an old state re-sent: it proves nothing).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let reports = loop {
+        let conn = rusqlite::Connection::open(w.d.db_path()).unwrap();
+        let rows: Vec<(String, Vec<u8>, Vec<u8>)> = conn
+            .prepare("SELECT kind, held, received FROM misbehaviour_reports")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        if !rows.is_empty() {
+            break rows;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the node never reported its proof");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(reports, [("equivocation".to_owned(), latest.encode(), equivocation.clone())]);
     assert_eq!(st.accrued_nsat().0.to_string(), w.d.channel_of(w.alice).await.accrued_nsat);
     stop((stop_tx, node_task)).await;
 }

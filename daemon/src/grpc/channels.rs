@@ -1,7 +1,7 @@
 //! `tribute.v1.Channels`: the signed channel stream and channel lookups.
 
 use super::{blocking, optional_key};
-use crate::auth::{authorize, channel_subject, policy, require_own_channel};
+use crate::auth::{authorize, channel_subject, policy, require_own_channel, Role};
 use crate::error::ApiError;
 use crate::hub::{Hub, HubEvent};
 use crate::ledger::{latest_signed_state, read_channels, CurrentChannel};
@@ -27,18 +27,65 @@ pub struct ChannelsService {
     reader: SharedConn,
     network: Network,
     provider_key: PublicKey,
+    database: super::Database,
 }
 
 impl ChannelsService {
-    /// Serves channel lookups from `reader` and streams from `hub`.
+    /// Serves channel lookups from `reader` and streams from `hub`; keeps misbehaviour
+    /// reports in `database`.
     pub fn new(
         hub: Arc<Hub>,
         reader: SharedConn,
         network: Network,
         provider_key: PublicKey,
+        database: super::Database,
     ) -> Self {
-        ChannelsService { hub, reader, network, provider_key }
+        ChannelsService { hub, reader, network, provider_key, database }
     }
+}
+
+/// What two provider-signed states of one channel prove, if anything: `equivocation` (same
+/// seq, different content) or `regression` (a higher seq with a lower accrued or settled
+/// amount). Both must verify under `provider_key`, on `network`, for one channel.
+pub fn misbehaviour_kind(
+    a: &Signed<ChannelState>,
+    b: &Signed<ChannelState>,
+    network: Network,
+    provider_key: PublicKey,
+) -> Result<&'static str, ApiError> {
+    let not = |why: &str| {
+        ApiError::new(
+            Code::InvalidArgument,
+            ErrorReason::NotMisbehaviour,
+            format!("these states prove nothing against the provider: {why}"),
+        )
+    };
+    for (field, s) in [("held_state", a), ("received_state", b)] {
+        if s.message.provider_key != provider_key {
+            return Err(not(&format!("{field} names another provider key")));
+        }
+        if s.message.network != network {
+            return Err(not(&format!("{field} is for another network")));
+        }
+        if s.verify().is_err() {
+            return Err(not(&format!("{field}: the provider's signature does not verify")));
+        }
+    }
+    if a.message.channel_id != b.message.channel_id {
+        return Err(not("the states are of different channels"));
+    }
+    let (lo, hi) = if a.message.seq <= b.message.seq {
+        (&a.message, &b.message)
+    } else {
+        (&b.message, &a.message)
+    };
+    if lo.seq == hi.seq {
+        return if lo == hi { Err(not("the states are the same")) } else { Ok("equivocation") };
+    }
+    if hi.accrued_nsat < lo.accrued_nsat || hi.settled_msat < lo.settled_msat {
+        return Ok("regression");
+    }
+    Err(not("the later state does not contradict the earlier one"))
 }
 
 fn state_event(s: &Signed<ChannelState>) -> pb::ChannelEvent {
@@ -197,6 +244,79 @@ impl Channels for ChannelsService {
         let owner = super::key(&channel.contributor_key, "contributor_key")?;
         require_own_channel(&caller, &owner).map_err(|_| unknown_channel())?;
         Ok(Response::new(channel))
+    }
+
+    async fn report_misbehaviour(
+        &self,
+        req: Request<pb::ReportMisbehaviourRequest>,
+    ) -> Result<Response<pb::ReportMisbehaviourResponse>, Status> {
+        let caller = authorize(&req, &[Role::Contributor, Role::Operator])?;
+        let r = req.into_inner();
+        let decode = |bytes: &[u8], field: &str| {
+            Signed::<ChannelState>::decode(bytes)
+                .map_err(|e| ApiError::malformed(field, format!("not a signed channel state: {e}")))
+        };
+        let held = decode(&r.held_state, "held_state")?;
+        let received = decode(&r.received_state, "received_state")?;
+        let kind = misbehaviour_kind(&held, &received, self.network, self.provider_key)?;
+        let channel_id = held.message.channel_id;
+        let (reader, database) = (self.reader.clone(), self.database.clone());
+        let (network, provider) = (self.network, self.provider_key);
+        let seq = held.message.seq.min(received.message.seq);
+        let (report_id, new_report) = blocking(move || {
+            let owner = {
+                let conn = store::lock(&reader);
+                read_channels(
+                    &conn,
+                    "WHERE channel_id = ?1",
+                    [&channel_id.0[..]],
+                    network,
+                    provider,
+                )?
+                .into_iter()
+                .next()
+                .map(|c| c.contributor_key)
+            };
+            let owner = owner.ok_or_else(|| {
+                ApiError::new(Code::NotFound, ErrorReason::UnknownChannel, "no such channel")
+                    .with("channel_id", channel_id.to_hex())
+            })?;
+            require_own_channel(&caller, &owner)?;
+            let conn = store::connect(&database.path, database.durability)?;
+            let inserted = conn
+                .execute(
+                    "INSERT OR IGNORE INTO misbehaviour_reports
+                       (channel_id, contributor_key, kind, seq, held, received, reported_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    rusqlite::params![
+                        &channel_id.0[..],
+                        owner.to_bytes().to_vec(),
+                        kind,
+                        store::u64_to_column(seq, "seq")?,
+                        r.held_state,
+                        r.received_state,
+                        store::u64_to_column(crate::ledger::unix_now(), "reported_at")?,
+                    ],
+                )
+                .map_err(ApiError::storage)?;
+            let id: i64 = conn
+                .query_row(
+                    "SELECT report_id FROM misbehaviour_reports WHERE held = ?1 AND received = ?2",
+                    rusqlite::params![r.held_state, r.received_state],
+                    |row| row.get(0),
+                )
+                .map_err(ApiError::storage)?;
+            Ok((u64::try_from(id).unwrap_or_default(), inserted == 1))
+        })
+        .await?;
+        if new_report {
+            tracing::error!(channel = %channel_id, kind, report_id, "PROVIDER MISBEHAVIOUR reported with a verified proof");
+        }
+        Ok(Response::new(pb::ReportMisbehaviourResponse {
+            kind: kind.to_owned(),
+            report_id,
+            new_report,
+        }))
     }
 
     async fn list_channels(

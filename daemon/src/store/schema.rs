@@ -9,7 +9,7 @@ use rusqlite_migration::{Migrations, M};
 
 /// Every migration, in order.
 pub fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1), M::up(V2)])
+    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3)])
 }
 
 const V1: &str = r#"
@@ -133,6 +133,22 @@ CREATE TABLE tokens (
 /// outcome is known; then `succeeded` (with the preimage, fee and the signed state that
 /// carries it) or `failed` (definitely not paid: the amount stays owed, and a later
 /// settlement with a new id pays it). At most one `pending` per channel.
+/// Proofs of provider misbehaviour reported by contributors (`Channels.ReportMisbehaviour`),
+/// verified before they are kept: two states the provider key signed that conflict.
+const V3: &str = r#"
+CREATE TABLE misbehaviour_reports (
+    report_id       INTEGER PRIMARY KEY,
+    channel_id      BLOB NOT NULL,
+    contributor_key BLOB NOT NULL,
+    kind            TEXT NOT NULL,
+    seq             INTEGER NOT NULL,
+    held            BLOB NOT NULL,
+    received        BLOB NOT NULL,
+    reported_at     INTEGER NOT NULL,
+    UNIQUE (held, received)
+) STRICT;
+"#;
+
 const V2: &str = r#"
 CREATE TABLE settlements (
     settlement_id     INTEGER PRIMARY KEY,

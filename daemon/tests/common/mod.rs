@@ -341,3 +341,22 @@ pub fn series_value(exposition: &str, series: &str) -> f64 {
         .parse()
         .expect("number")
 }
+
+/// Starts settlement rounds until `n` settlements have succeeded in all (a round may end
+/// with payouts still in flight; they finish in a later one). Panics after 30 s.
+pub async fn settle_until_succeeded(d: &TestDaemon, n: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        d.running().settlement.settle_now_and_wait().await;
+        let conn = rusqlite::Connection::open(d.db_path()).expect("open");
+        let done: i64 = conn
+            .query_row("SELECT COUNT(*) FROM settlements WHERE status = 'succeeded'", [], |r| {
+                r.get(0)
+            })
+            .expect("count");
+        if done >= n {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "only {done} of {n} settlements succeeded");
+    }
+}
