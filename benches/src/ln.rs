@@ -4,6 +4,9 @@
 //! inference over Lightning would cost — and, through the daemon whose node is the payer,
 //! `Meter` (unary, concurrency 64) and `MeterStream` with the same 100-contributor model. Then
 //! one settlement round paying the 100 contributors (all to the second node) over Lightning.
+//!
+//! `TRIBUTE_BENCH_LN_PER_NODE=<n>` sets the daemon's `settlement.max_in_flight_per_node` for
+//! the round (default: the daemon's default), to compare bounds.
 
 use crate::load::{self, Call};
 use crate::setup::{self, Bearer};
@@ -190,11 +193,16 @@ pub async fn run(data: &std::path::Path, quick: bool) -> Result<(), BenchError> 
     config.settlement.settle_threshold_msat = u64::MAX / 4;
     config.settlement.max_outstanding_msat = u64::MAX / 4;
     config.settlement.min_payout_msat = 1;
+    if let Some(n) = std::env::var("TRIBUTE_BENCH_LN_PER_NODE").ok().and_then(|v| v.parse().ok()) {
+        config.settlement.max_in_flight_per_node = n;
+    }
+    let per_node = config.settlement.max_in_flight_per_node;
     let options = StartOptions {
         lightning: Some(payer.clone() as DynLightningBackend),
         settlement: EngineOptions {
-            // All 100 contributors are paid to one node here, whose channel accepts at most
-            // 50 HTLCs in flight (LDK default): stay under it.
+            // All 100 contributors are paid to one node here, over one channel that carries
+            // at most 50 HTLCs (LDK's default); `max_in_flight_per_node` bounds the round's
+            // payouts to it below that.
             max_in_flight: 40,
             poll_interval: Duration::from_millis(5),
             ..EngineOptions::default()
@@ -234,11 +242,37 @@ pub async fn run(data: &std::path::Path, quick: bool) -> Result<(), BenchError> 
         stream.rate() / best
     );
 
-    // One settlement round paying the 100 contributors over Lightning.
+    // One settlement round paying the 100 contributors over Lightning, with the channel's
+    // room for one more HTLC sampled throughout.
     daemon.running.flush().await;
+    println!("before the round: {}", channel_room(&payer).describe());
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = tokio::spawn({
+        let (payer, sampling) = (payer.clone(), sampling.clone());
+        async move {
+            let mut samples = Vec::new();
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                samples.push(channel_room(&payer));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            samples
+        }
+    });
     let started = Instant::now();
     daemon.running.settlement.settle_now_and_wait().await;
     let round = started.elapsed();
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let samples = sampler.await.map_err(|e| BenchError::msg(e.to_string()))?;
+    let full: Vec<&Room> = samples.iter().filter(|r| r.next_htlc_limit_msat == 0).collect();
+    println!(
+        "during the round: {} of {} samples found no room for another HTLC (our pending \
+         payments then: {:?}..{:?}); most pending at once: {:?}",
+        full.len(),
+        samples.len(),
+        full.iter().map(|r| r.pending_payments).min(),
+        full.iter().map(|r| r.pending_payments).max(),
+        samples.iter().map(|r| r.pending_payments).max(),
+    );
     let db = tribute_daemon::server::database_path(&data.join("daemon"));
     let conn = rusqlite::Connection::open(&db).map_err(|e| BenchError::msg(e.to_string()))?;
     let (paid, msat): (i64, i64) = conn
@@ -249,11 +283,26 @@ pub async fn run(data: &std::path::Path, quick: bool) -> Result<(), BenchError> 
         )
         .map_err(|e| BenchError::msg(e.to_string()))?;
     println!(
-        "settlement round: {paid} of {} contributors paid ({msat} msat) in {:.2} s = {:.1} payouts/s",
+        "settlement round (at most 40 in flight, {per_node} per node): {paid} of {} contributors \
+         paid ({msat} msat) in {:.2} s = {:.1} payouts/s",
         setup::CONTRIBUTORS,
         round.as_secs_f64(),
         paid as f64 / round.as_secs_f64()
     );
+    // What became of the others, and why (the engine records each definite failure's reason).
+    let mut stmt = conn
+        .prepare(
+            "SELECT status, COALESCE(error, ''), COUNT(*) FROM settlements
+             WHERE status != 'succeeded' GROUP BY status, error ORDER BY COUNT(*) DESC",
+        )
+        .map_err(|e| BenchError::msg(e.to_string()))?;
+    let others: Vec<(String, String, i64)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .and_then(|rows| rows.collect())
+        .map_err(|e| BenchError::msg(e.to_string()))?;
+    for (status, error, n) in others {
+        println!("  {n} {status}: {error}");
+    }
 
     println!();
     println!("| measurement | rate | ÷ best keysend |");
@@ -287,6 +336,29 @@ pub async fn run(data: &std::path::Path, quick: bool) -> Result<(), BenchError> 
     payer.stop().await.map_err(err("stop payer"))?;
     chain.shutdown().await;
     Ok(())
+}
+
+/// The payer's only channel as a sender sees it, and its own payments still pending.
+struct Room {
+    /// LDK's `next_outbound_htlc_limit_msat`: 0 when the channel takes no further HTLC.
+    next_htlc_limit_msat: u64,
+    /// Outbound payments pending in the payer's store.
+    pending_payments: usize,
+}
+
+impl Room {
+    fn describe(&self) -> String {
+        format!(
+            "{} outbound payments pending on the payer; room for one more HTLC: {} msat",
+            self.pending_payments, self.next_htlc_limit_msat
+        )
+    }
+}
+
+fn channel_room(payer: &LdkBackend) -> Room {
+    let next_htlc_limit_msat =
+        payer.node().list_channels().first().map_or(0, |c| c.next_outbound_htlc_limit_msat);
+    Room { next_htlc_limit_msat, pending_payments: payer.pending_outbound_payments() }
 }
 
 fn free_port() -> u16 {

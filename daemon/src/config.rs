@@ -202,6 +202,11 @@ pub struct SettlementConfig {
     /// at least the blinded path's introduction hop, whose base fee (1 sat by default in
     /// LDK) a ppm budget on a small payout would not cover.
     pub min_fee_budget_msat: u64,
+    /// Most payouts in flight at once to one destination (a node id, or an offer): the
+    /// payouts to one node share the channel to it, which carries a bounded number of HTLCs
+    /// (LDK accepts 50 by default, CLN 30), and an HTLC still counts there for a while after
+    /// its payment has succeeded.
+    pub max_in_flight_per_node: u32,
 }
 
 impl Default for SettlementConfig {
@@ -213,6 +218,7 @@ impl Default for SettlementConfig {
             min_payout_msat: 1_000,
             max_fee_ppm: 5_000,
             min_fee_budget_msat: 1_000,
+            max_in_flight_per_node: 30,
         }
     }
 }
@@ -253,6 +259,12 @@ pub struct LightningConfig {
     pub esplora_url: Option<String>,
     /// Port the Lightning node accepts peer connections on.
     pub listen_port: u16,
+    /// The node's alias in its node announcement (at most 32 bytes). Needed to open announced
+    /// channels — and with several peers the node can pay BOLT12 offers only once it has an
+    /// announced channel (DESIGN.md, "Lightning").
+    pub node_alias: Option<String>,
+    /// Addresses announced to the network, `host:port` (empty: the listening address).
+    pub announcement_addresses: Vec<String>,
 }
 
 impl Default for LightningConfig {
@@ -266,6 +278,8 @@ impl Default for LightningConfig {
             bitcoind_rpc_password: None,
             esplora_url: None,
             listen_port: 9735,
+            node_alias: None,
+            announcement_addresses: Vec::new(),
         }
     }
 }
@@ -547,6 +561,9 @@ impl Config {
                 ),
             );
         }
+        if s.max_in_flight_per_node == 0 {
+            return invalid("settlement.max_in_flight_per_node", "must be at least 1");
+        }
         if s.max_fee_ppm > 1_000_000 {
             return invalid("settlement.max_fee_ppm", "must be at most 1000000 (100%)");
         }
@@ -577,6 +594,11 @@ impl Config {
                 }
             }
             ChainSource::Devchain => {}
+        }
+        if let Some(alias) = &l.node_alias {
+            if alias.is_empty() || alias.len() > 32 {
+                return invalid("lightning.node_alias", "must be 1 to 32 bytes");
+            }
         }
 
         if self.log.filter.trim().is_empty() {
@@ -728,6 +750,7 @@ mod tests {
         full.lightning.bitcoind_rpc_user = Some("u".into());
         full.lightning.bitcoind_rpc_password = Some(SecretString("p".into()));
         full.lightning.esplora_url = Some("https://e".into());
+        full.lightning.node_alias = Some("a".into());
         let data = Figment::from(Serialized::defaults(full)).data().unwrap();
         let dict = data.values().next().unwrap();
         let mut missing = Vec::new();

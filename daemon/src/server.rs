@@ -231,6 +231,8 @@ pub async fn start_with(
             config.lightning.chain_source_config(),
         );
         ln.listening_addresses = vec![format!("0.0.0.0:{}", config.lightning.listen_port)];
+        ln.node_alias = config.lightning.node_alias.clone();
+        ln.announcement_addresses = config.lightning.announcement_addresses.clone();
         let node = Arc::new(
             LdkBackend::start(ln)
                 .await

@@ -19,23 +19,31 @@
 //!    again with the **same** preimage, which the node refuses as a duplicate if it had it
 //!    after all. On start-up every pending settlement is resolved this way before any new
 //!    one starts.
+//!
+//! A round drives its payouts concurrently, at most `max_in_flight` in all and
+//! `max_in_flight_per_node` to one destination: payouts to one node share the channel to
+//! it, and a channel carries a bounded number of HTLCs (LDK: 50 by default), each of which
+//! keeps its place for a while after its payment succeeded. A keysend the node refuses at
+//! once while the channel is full of our other payouts is not a definite failure: it is
+//! sent again (same preimage) as soon as one of them finishes, within the round.
 
 use crate::config::SettlementConfig;
 use crate::error::ApiError;
 use crate::ledger::{read_channels, unix_now, LedgerHandle, SettleJob};
 use crate::lightning::{
-    payment_hash, DynLightningBackend, KeysendRequest, LightningError, OfferRequest, PaymentId,
-    PaymentStatus,
+    payment_hash, DynLightningBackend, FailureReason, KeysendRequest, LightningError, OfferRequest,
+    PaymentId, PaymentStatus,
 };
 use crate::registry::Registry;
 use crate::store::{self, StoreError};
 use ldk_node::bitcoin::hashes::{hmac, sha256, Hash, HashEngine};
 use rusqlite::{params, Connection, OptionalExtension};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 use tribute_channels::{ChannelId, Network, PublicKey};
 
 /// Custom TLV type of the settlement id (u64, big-endian) in a keysend.
@@ -259,6 +267,132 @@ impl Destination {
     }
 }
 
+/// How long after a payout to a destination finished a refusal at send to it is still put
+/// down to the channel being full: its HTLC leaves the channel only after the commitment
+/// dance that follows the payment's success.
+const BUSY_GRACE: Duration = Duration::from_secs(2);
+/// Wait before a payout the node refused because the channel was full is sent again,
+/// unless another payout finishes first: it doubles per refusal, from the first to the
+/// second (each refused send costs the node a store write).
+const BUSY_RETRY_WAIT: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_millis(500));
+
+/// The payouts of one round in flight per destination, bounded: a slot is held from before
+/// a payout is handed to the node until its outcome is final or the round stops following
+/// it.
+struct Slots {
+    max_per_destination: usize,
+    held: Mutex<HashMap<String, SlotCount>>,
+    released: Notify,
+}
+
+#[derive(Default)]
+struct SlotCount {
+    in_flight: usize,
+    last_released: Option<Instant>,
+}
+
+/// A held slot; released on drop.
+struct Slot<'a> {
+    slots: &'a Slots,
+    key: String,
+}
+
+impl Slots {
+    fn new(max_per_destination: usize) -> Self {
+        Slots {
+            max_per_destination: max_per_destination.max(1),
+            held: Mutex::new(HashMap::new()),
+            released: Notify::new(),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, SlotCount>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for a slot for `key` until `deadline`; `None` if none was free by then.
+    async fn acquire(&self, key: &str, deadline: Instant) -> Option<Slot<'_>> {
+        loop {
+            // Registered before the check, so a release in between is not missed.
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            {
+                let mut held = self.held();
+                let count = held.entry(key.to_owned()).or_default();
+                if count.in_flight < self.max_per_destination {
+                    count.in_flight += 1;
+                    return Some(Slot { slots: self, key: key.to_owned() });
+                }
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Whether the channel to `key` may be full of our own payouts: others besides the
+    /// caller's are in flight, or one finished moments ago.
+    fn busy(&self, key: &str) -> bool {
+        self.held().get(key).is_some_and(|c| {
+            c.in_flight > 1 || c.last_released.is_some_and(|at| at.elapsed() < BUSY_GRACE)
+        })
+    }
+
+    /// Returns once a slot is released, or after `wait`.
+    async fn released_within(&self, wait: Duration) {
+        let _ = tokio::time::timeout(wait, self.released.notified()).await;
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut held = self.slots.held();
+        if let Some(count) = held.get_mut(&self.key) {
+            count.in_flight = count.in_flight.saturating_sub(1);
+            count.last_released = Some(Instant::now());
+        }
+        drop(held);
+        self.slots.released.notify_waiters();
+    }
+}
+
+/// `rows` reordered so that destinations take turns (each keeps its own order): with a
+/// bound per destination, a run of one destination's payouts would otherwise hold the
+/// round's slots while they wait for that destination's.
+fn interleave_by_destination(rows: Vec<SettlementRow>) -> Vec<SettlementRow> {
+    let mut order: Vec<String> = Vec::new();
+    let mut groups: HashMap<String, VecDeque<SettlementRow>> = HashMap::new();
+    for row in rows {
+        if !groups.contains_key(&row.destination) {
+            order.push(row.destination.clone());
+        }
+        groups.entry(row.destination.clone()).or_default().push_back(row);
+    }
+    let mut out = Vec::new();
+    loop {
+        let before = out.len();
+        for key in &order {
+            if let Some(row) = groups.get_mut(key).and_then(VecDeque::pop_front) {
+                out.push(row);
+            }
+        }
+        if out.len() == before {
+            return out;
+        }
+    }
+}
+
+/// What handing a payout to the backend did.
+enum Sent {
+    /// In flight (or possibly so) under this id.
+    InFlight(PaymentId),
+    /// Definitely not sent; `at_send` when the node refused it at once for want of a usable
+    /// route (which a full channel also causes).
+    Refused { reason: String, at_send: bool },
+}
+
 /// Tunables of the engine that are not operator configuration.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
@@ -420,10 +554,13 @@ impl SettlementEngine {
         if batch.is_empty() {
             return Ok(());
         }
-        // Drive them concurrently, a bounded number at a time.
+        // Drive them concurrently, a bounded number at a time, and per destination.
         use futures::stream::{self, StreamExt};
-        let results: Vec<Result<Outcome, Halt>> = stream::iter(batch)
-            .map(|row| self.drive(row))
+        let per_node = usize::try_from(self.config.max_in_flight_per_node).unwrap_or(usize::MAX);
+        let slots = Slots::new(per_node);
+        let slots = &slots;
+        let results: Vec<Result<Outcome, Halt>> = stream::iter(interleave_by_destination(batch))
+            .map(|row| self.drive(row, slots))
             .buffer_unordered(self.options.max_in_flight.max(1))
             .collect()
             .await;
@@ -535,10 +672,14 @@ impl SettlementEngine {
     }
 
     /// Drives one pending settlement as far as it goes in this round.
-    async fn drive(&self, row: SettlementRow) -> Result<Outcome, Halt> {
+    async fn drive(&self, row: SettlementRow, slots: &Slots) -> Result<Outcome, Halt> {
         self.fault(FaultPoint::AfterIntent)?;
         let dest = Destination::of(&row)?;
-        let deadline = tokio::time::Instant::now() + self.options.round_patience;
+        let deadline = Instant::now() + self.options.round_patience;
+        // Held while the payout is sent and followed, i.e. until this returns.
+        let Some(_slot) = slots.acquire(&row.destination, deadline).await else {
+            return Ok(Outcome::StillPending);
+        };
         let mut sent = false;
         let mut payment_id = row.payment_id.map(PaymentId);
         loop {
@@ -585,7 +726,7 @@ impl SettlementEngine {
                 }
                 PaymentStatus::Unknown if !sent => {
                     sent = true;
-                    match self.pay(&row, &dest).await? {
+                    match self.send(&row, &dest, slots, deadline).await? {
                         Some(id) => payment_id = Some(id),
                         None => {
                             // Refused before anything was sent: definitely not paid.
@@ -597,7 +738,7 @@ impl SettlementEngine {
                 }
                 PaymentStatus::Pending | PaymentStatus::Unknown => {}
             }
-            if tokio::time::Instant::now() >= deadline {
+            if Instant::now() >= deadline {
                 return Ok(Outcome::StillPending);
             }
             tokio::time::sleep(self.options.poll_interval).await;
@@ -605,12 +746,73 @@ impl SettlementEngine {
     }
 
     /// Hands the payment to the backend. `Some(id)`: in flight (or possibly so) under `id`;
-    /// `None`: definitely not sent (the row is marked failed).
-    async fn pay(
+    /// `None`: definitely not sent (the row is marked failed). A keysend the node refuses at
+    /// once while the channel may be full of our other payouts to the same node is sent
+    /// again (same preimage: the refused attempt left nothing in flight) each time one of
+    /// them finishes, until `deadline`.
+    async fn send(
         &self,
         row: &SettlementRow,
         dest: &Destination,
+        slots: &Slots,
+        deadline: Instant,
     ) -> Result<Option<PaymentId>, Halt> {
+        let mut refusals = 0u32;
+        loop {
+            let (reason, at_send) = match self.pay(row, dest).await? {
+                Sent::InFlight(id) => {
+                    if refusals > 0 {
+                        tracing::debug!(
+                            settlement = row.settlement_id,
+                            refusals,
+                            "sent once the channel had room"
+                        );
+                    }
+                    return Ok(Some(id));
+                }
+                Sent::Refused { reason, at_send } => (reason, at_send),
+            };
+            // A BOLT12 payment is routed only once the invoice is back: a refusal at send
+            // is never about the channel's room. Nor is it when the node is offline.
+            let busy = match dest {
+                Destination::Keysend(node) => {
+                    at_send
+                        && Instant::now() < deadline
+                        && slots.busy(&row.destination)
+                        && !self.peer_offline(node).await
+                }
+                Destination::Offer(_) => false,
+            };
+            if busy {
+                let wait = BUSY_RETRY_WAIT.0.saturating_mul(1 << refusals.min(16));
+                refusals += 1;
+                slots.released_within(wait.min(BUSY_RETRY_WAIT.1)).await;
+                continue;
+            }
+            self.db(|c| mark_failed(c, row.settlement_id, &reason))?;
+            tracing::warn!(
+                settlement = row.settlement_id,
+                refusals,
+                "settlement not sent: {reason}; the amount stays owed"
+            );
+            return Ok(None);
+        }
+    }
+
+    /// Whether `node` is our peer and none of our channels with it is usable (it is offline,
+    /// or the channels are not ready).
+    async fn peer_offline(&self, node: &[u8; 33]) -> bool {
+        match self.backend.list_channels().await {
+            Ok(channels) => {
+                let mut with_node = channels.iter().filter(|c| c.counterparty == *node).peekable();
+                with_node.peek().is_some() && with_node.all(|c| !c.usable)
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Hands the payment to the backend once.
+    async fn pay(&self, row: &SettlementRow, dest: &Destination) -> Result<Sent, Halt> {
         let max_fee_msat = (row.amount_msat.saturating_mul(u64::from(self.config.max_fee_ppm))
             / 1_000_000)
             .max(self.config.min_fee_budget_msat);
@@ -653,21 +855,17 @@ impl SettlementEngine {
             }
         };
         match sent {
-            Ok(id) => Ok(Some(id)),
+            Ok(id) => Ok(Sent::InFlight(id)),
             Err((e @ (LightningError::PaymentFailed(_) | LightningError::Permanent(_)), _)) => {
-                let reason = e.to_string();
-                self.db(|c| mark_failed(c, row.settlement_id, &reason))?;
-                tracing::warn!(
-                    settlement = row.settlement_id,
-                    "settlement not sent: {reason}; the amount stays owed"
-                );
-                Ok(None)
+                let at_send =
+                    matches!(e, LightningError::PaymentFailed(FailureReason::SendFailed(_)));
+                Ok(Sent::Refused { reason: e.to_string(), at_send })
             }
             // The outcome is unknown (a timeout) or the node is unreachable: the status of
             // the same payment is asked next; nothing is paid under another id.
             Err((e, Some(id))) if e.is_retryable() => {
                 tracing::warn!(settlement = row.settlement_id, "keysend outcome unknown: {e}");
-                Ok(Some(id))
+                Ok(Sent::InFlight(id))
             }
             Err((e, _)) => Err(Halt::Backend(e)),
         }
@@ -895,6 +1093,67 @@ mod tests {
             (TLV_STATE_SEQ, vec![0; 8]),
         ])
         .unwrap();
+    }
+
+    fn row(id: u64, destination: &str) -> SettlementRow {
+        SettlementRow {
+            settlement_id: id,
+            channel_id: ChannelId([0; 32]),
+            contributor_key: PublicKey::from_bytes([
+                0x79, 0xbe, 0x66, 0x7e, 0xf9, 0xdc, 0xbb, 0xac, 0x55, 0xa0, 0x62, 0x95, 0xce, 0x87,
+                0x0b, 0x07, 0x02, 0x9b, 0xfc, 0xdb, 0x2d, 0xce, 0x28, 0xd9, 0x59, 0xf2, 0x81, 0x5b,
+                0x16, 0xf8, 0x17, 0x98,
+            ])
+            .unwrap(),
+            amount_msat: 1,
+            state_seq: 1,
+            method: "keysend".into(),
+            destination: destination.into(),
+            payment_id: None,
+            payment_hash: None,
+            preimage: None,
+            fee_msat: None,
+            status: "pending".into(),
+            error: None,
+            settled_state_seq: None,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn destinations_take_turns() {
+        let rows = [(1, "a"), (2, "a"), (3, "a"), (4, "b"), (5, "c"), (6, "b")]
+            .map(|(id, d)| row(id, d))
+            .to_vec();
+        let ids: Vec<u64> =
+            interleave_by_destination(rows).iter().map(|r| r.settlement_id).collect();
+        assert_eq!(ids, vec![1, 4, 5, 2, 6, 3]);
+    }
+
+    #[tokio::test]
+    async fn slots_are_bounded_per_destination_and_freed_on_drop() {
+        let slots = Slots::new(2);
+        let soon = || Instant::now() + Duration::from_millis(50);
+        let a1 = slots.acquire("a", soon()).await.unwrap();
+        assert!(!slots.busy("a"), "only the caller's own payout is in flight");
+        let a2 = slots.acquire("a", soon()).await.unwrap();
+        assert!(slots.busy("a"));
+        let _b = slots.acquire("b", soon()).await.unwrap();
+        // Full: the third waits until the deadline ...
+        assert!(slots.acquire("a", soon()).await.is_none());
+        // ... or until one is released.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (third, ()) = tokio::join!(slots.acquire("a", deadline), async { drop(a1) });
+        assert!(third.is_some());
+        drop(third);
+        drop(a2);
+        // Just released: a refusal now is still put down to the channel being full ...
+        assert!(slots.busy("a"));
+        // ... but not once the grace has passed.
+        let past = Instant::now().checked_sub(BUSY_GRACE).unwrap();
+        slots.held().get_mut("a").unwrap().last_released = Some(past);
+        assert!(!slots.busy("a"));
     }
 
     #[test]

@@ -490,3 +490,133 @@ async fn ldk_backend_payee_offline_restart_and_close() {
 
     pair.shutdown().await;
 }
+
+/// Opens a channel from `payer` to `payee` and confirms it (one funding transaction at a
+/// time: each spends the wallet's change); returns when the payer sees it ready.
+async fn open_confirmed(
+    chain: &DevChain,
+    payer: &LdkBackend,
+    payee: &LdkBackend,
+    payee_addr: &str,
+    announce: bool,
+) {
+    payer
+        .open_channel(OpenChannelRequest {
+            node_id: payee.node_id(),
+            addr: payee_addr.to_owned(),
+            amount_sat: CHANNEL_SATS / 2,
+            push_msat: 0,
+            announce,
+        })
+        .await
+        .expect("open_channel");
+    let funding_txid = wait_event(payer, "ChannelPending on the payer", |e| match e {
+        LightningEvent::ChannelPending { funding_txid, .. } => Some(*funding_txid),
+        _ => None,
+    })
+    .await;
+    wait_in_mempool(chain, funding_txid, "the funding tx in the mempool").await;
+    chain.mine_blocks(6).expect("mine");
+    payer.sync_wallets().await.expect("sync payer");
+    payee.sync_wallets().await.expect("sync payee");
+    wait_event(payer, "ChannelReady on the payer", |e| {
+        matches!(e, LightningEvent::ChannelReady { .. }).then_some(())
+    })
+    .await;
+}
+
+/// Issue 4: a payer with private channels to two unannounced peers cannot pay a BOLT12
+/// offer (LDK builds the invoice request's reply path only through an announced node or the
+/// payer's only peer: `MissingPaths`), and the backend says so and what to do; once the
+/// payer has an announced channel it pays the offer of a peer it reaches over a private
+/// channel, twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn ldk_backend_bolt12_with_two_private_peers_needs_an_announced_payer() {
+    let _serial = SERIAL.lock().await;
+    let started = Instant::now();
+    let log = |what: &str| eprintln!("[{:>6.1?}] {what}", started.elapsed());
+    let chain = DevChain::start().await.expect("start dev chain");
+    let dirs = (
+        TestDir::new("ln-two-payer-"),
+        TestDir::new("ln-two-keysend-"),
+        TestDir::new("ln-two-offer-"),
+    );
+    let ports = (free_port(), free_port(), free_port());
+    let payer = LdkBackend::start(backend_config(&chain, &dirs.0, ports.0, "payer", vec![]))
+        .await
+        .expect("start payer");
+    // A peer that accepts an announced channel (it has an alias and an address) ...
+    let hub_config = backend_config(&chain, &dirs.1, ports.1, "hub", vec![payer.node_id()]);
+    let hub = LdkBackend::start(hub_config).await.expect("start hub");
+    // ... and a contributor-like node with only a private channel and an offer.
+    let payee_config = LdkBackendConfig {
+        node_alias: None,
+        ..backend_config(&chain, &dirs.2, ports.2, "unused", vec![payer.node_id()])
+    };
+    let payee = LdkBackend::start(payee_config).await.expect("start payee");
+    let addr = |port: u16| format!("127.0.0.1:{port}");
+
+    let address = payer.onchain_address().await.expect("onchain_address");
+    chain.faucet(&address, Amount::from_sat(FUNDING_SATS)).expect("faucet");
+    chain.mine_blocks(1).expect("mine");
+    wait_spendable(&payer, FUNDING_SATS, "the payer's funding").await;
+    open_confirmed(&chain, &payer, &payee, &addr(ports.2), false).await;
+    open_confirmed(&chain, &payer, &hub, &addr(ports.1), false).await;
+    wait_until("both channels usable", || async {
+        let channels = payer.list_channels().await.expect("list_channels");
+        (channels.len() == 2 && channels.iter().all(|c| c.usable)).then_some(())
+    })
+    .await;
+    log("two private channels ready");
+
+    let offer = payee
+        .node()
+        .bolt12_payment()
+        .receive_variable_amount("tribute payouts", None)
+        .expect("create offer (the payee has one peer)")
+        .to_string();
+    let pay = |round: u64| {
+        payer.pay_offer(OfferRequest {
+            offer: offer.clone(),
+            amount_msat: OFFER_MSAT * round,
+            payer_note: format!("tribute settlement {round}"),
+            max_fee_msat: MAX_FEE_MSAT,
+        })
+    };
+    assert!(!payer.is_announced());
+    match pay(1).await {
+        Err(LightningError::PaymentFailed(reason)) => {
+            let why = reason.to_string();
+            assert!(why.contains("MissingPaths") && why.contains("announced channel"), "{why}");
+            eprintln!("unannounced payer, two peers: {why}");
+        }
+        other => panic!("an unannounced payer with two peers paid an offer: {other:?}"),
+    }
+    log("unannounced payer with two peers: refused, with the reason");
+
+    // The fix: one announced channel (here to the hub) puts the payer in its own graph.
+    open_confirmed(&chain, &payer, &hub, &addr(ports.1), true).await;
+    wait_until("the payer in its own gossip graph", || async {
+        payer.is_announced().then_some(())
+    })
+    .await;
+    log("payer announced");
+    let mut ids = Vec::new();
+    for round in 1..=2u64 {
+        let paid = pay(round).await.unwrap_or_else(|e| panic!("pay offer, round {round}: {e}"));
+        let status = conformance::wait_final(&payer, &paid.payment_id, WAIT).await;
+        let PaymentStatus::Succeeded { preimage, .. } = status else {
+            panic!("offer payment {round} did not succeed: {status:?}")
+        };
+        let (amount, _) = wait_received(&payee, payment_hash(&preimage), "the offer payment").await;
+        assert_eq!(amount, OFFER_MSAT * round);
+        ids.push(paid.payment_id);
+        log(&format!("offer paid over the private channel, round {round}"));
+    }
+    assert_ne!(ids[0], ids[1]);
+
+    payer.stop().await.expect("stop payer");
+    hub.stop().await.expect("stop hub");
+    payee.stop().await.expect("stop payee");
+    chain.shutdown().await;
+}

@@ -1,9 +1,11 @@
 //! Settlement end to end with real ldk-node nodes on the dev chain: the daemon's node and two
-//! contributor nodes, private channels opened through the operator RPCs, metering, and
-//! settlement rounds. Each contributor node receives exactly `floor(accrued) - settled` msat
-//! per round, with TLVs naming the settlement, the channel and the state; the preimage hashes
-//! to the payment hash recorded in the settlement and carried by the signed state; sub-msat
-//! remainders stay in the channels; and `Σ pools == Σ accrued == Σ (settled + outstanding)`.
+//! contributor nodes, channels opened through the operator RPCs, metering, and settlement
+//! rounds. One contributor is paid by keysend, the other through the BOLT12 offer it
+//! registered. Each contributor node receives exactly `floor(accrued) - settled` msat per
+//! round, the keysend with TLVs naming the settlement, the channel and the state, the offer
+//! payment with a payer note naming the settlement; the preimage hashes to the payment hash
+//! recorded in the settlement and carried by the signed state; sub-msat remainders stay in
+//! the channels; and `Σ pools == Σ accrued == Σ (settled + outstanding)`.
 
 mod common;
 mod common_ln;
@@ -25,7 +27,7 @@ use tribute_daemon::lightning::{
 };
 use tribute_daemon::server::StartOptions;
 use tribute_daemon::settlement::{
-    EngineOptions, FaultPoint, TLV_CHANNEL_ID, TLV_SETTLEMENT_ID, TLV_STATE_SEQ,
+    payer_note_of, EngineOptions, FaultPoint, TLV_CHANNEL_ID, TLV_SETTLEMENT_ID, TLV_STATE_SEQ,
 };
 use tribute_proto::v1 as pb;
 use tribute_proto::v1::operator_client::OperatorClient;
@@ -45,6 +47,8 @@ fn node_config(
     LdkBackendConfig {
         listening_addresses: vec![format!("127.0.0.1:{port}")],
         trusted_peers_no_reserve: trusted,
+        // An alias (with the listening address) lets a node take part in announced channels.
+        node_alias: Some(format!("tribute-test-{port}")),
         ..LdkBackendConfig::new(
             dir.path.clone(),
             ldk_node::bitcoin::Network::Regtest,
@@ -92,16 +96,33 @@ async fn received(
 }
 
 /// The model over [`OWNERS`]' datasets, each contributor registered (again, newer) with the
-/// node id of its node in `contributors`.
-async fn setup_paid_model(d: &TestDaemon, contributors: &[(LdkBackend, String)]) {
+/// node id of its node in `contributors` and the offer in `offers`, if any (an offer is
+/// what it is paid through then).
+async fn setup_paid_model(
+    d: &TestDaemon,
+    contributors: &[(LdkBackend, String)],
+    offers: &[Option<String>],
+) {
     setup_model(d, MODEL, &OWNERS, 800_000).await;
+    let payouts: Vec<_> = OWNERS
+        .iter()
+        .zip(contributors)
+        .zip(offers)
+        .map(|(((n, _), (node, _)), offer)| (*n, node.node_id(), offer.clone()))
+        .collect();
+    register_payouts(d, &payouts).await;
+}
+
+/// Registers each contributor `n` (again, newer) to be paid to `node_id`, or through
+/// `offer` when given.
+async fn register_payouts(d: &TestDaemon, payouts: &[(u64, [u8; 33], Option<String>)]) {
     let mut reg = d.registry(Some(&d.operator_token)).await;
-    for ((n, _), (node, _)) in OWNERS.iter().zip(contributors) {
+    for (n, node_id, offer) in payouts {
         let r = ContributorRegistration {
             network: Network::Regtest,
             contributor_key: pubkey(*n),
-            node_id: Some(node.node_id()),
-            bolt12_offer: None,
+            node_id: Some(*node_id),
+            bolt12_offer: offer.clone(),
             registered_at: Timestamp(1_700_000_500),
         };
         reg.register_contributor(pb::RegisterContributorRequest {
@@ -192,14 +213,18 @@ async fn real_nodes_receive_exactly_what_the_channels_owe() {
     })
     .await;
 
-    // A private channel to each contributor node, opened through the operator RPC.
-    for (node, addr) in &contributors {
+    // A channel to each contributor node, opened through the operator RPC: announced to the
+    // keysend contributor, private to the one paid through its offer. With two peers, the
+    // daemon's node can pay an offer only as an announced node (LDK builds the invoice
+    // request's reply path through an announced node or the only peer): the announced
+    // channel is what makes it one.
+    for (k, (node, addr)) in contributors.iter().enumerate() {
         op.open_lightning_channel(pb::OpenLightningChannelRequest {
             node_id: node.node_id().to_vec(),
             address: addr.clone(),
             amount_sat: CHANNEL_SATS,
             push_msat: 0,
-            announce: false,
+            announce: k == 0,
         })
         .await
         .expect("open channel");
@@ -223,15 +248,30 @@ async fn real_nodes_receive_exactly_what_the_channels_owe() {
             .await
             .ok()?
             .into_inner();
-        (list.channels.len() == 2 && list.channels.iter().all(|c| c.usable && !c.announced))
+        let announced: Vec<bool> = list.channels.iter().map(|c| c.announced).collect();
+        (list.channels.len() == 2
+            && list.channels.iter().all(|c| c.usable)
+            && announced.iter().filter(|a| **a).count() == 1)
             .then_some(())
     })
     .await;
     let info = op.get_node_info(pb::GetNodeInfoRequest {}).await.expect("node info").into_inner();
     assert_eq!(info.usable_channels, 2);
+    eventually("the daemon's node in its own gossip graph", || async {
+        daemon_node.is_announced().then_some(())
+    })
+    .await;
 
-    // Contributors registered with their nodes' ids; a model trained on their datasets.
-    setup_paid_model(&d, &contributors).await;
+    // Contributors registered with their nodes' ids, the second with an offer of its node
+    // (made over its private channel); a model trained on their datasets.
+    let offer = contributors[1]
+        .0
+        .node()
+        .bolt12_payment()
+        .receive_variable_amount("tribute payouts", None)
+        .expect("offer")
+        .to_string();
+    setup_paid_model(&d, &contributors, &[None, Some(offer.clone())]).await;
 
     let mut settled_before = [0u64; 2];
     for round in 0..2u64 {
@@ -286,10 +326,22 @@ async fn real_nodes_receive_exactly_what_the_channels_owe() {
             let (hash, amount, tlvs) = &got;
             assert_eq!(hash.to_vec(), s.payment_hash);
             assert_eq!(*amount, s.amount_msat);
-            let tlv = |t| tlvs.iter().find(|(ty, _)| *ty == t).map(|(_, v)| v.clone());
-            assert_eq!(tlv(TLV_SETTLEMENT_ID), Some(s.settlement_id.to_be_bytes().to_vec()));
-            assert_eq!(tlv(TLV_CHANNEL_ID), Some(s.channel_id.clone()));
-            assert_eq!(tlv(TLV_STATE_SEQ), Some(s.state_seq.to_be_bytes().to_vec()));
+            if k == 0 {
+                assert_eq!(s.method, "keysend");
+                let tlv = |t| tlvs.iter().find(|(ty, _)| *ty == t).map(|(_, v)| v.clone());
+                assert_eq!(tlv(TLV_SETTLEMENT_ID), Some(s.settlement_id.to_be_bytes().to_vec()));
+                assert_eq!(tlv(TLV_CHANNEL_ID), Some(s.channel_id.clone()));
+                assert_eq!(tlv(TLV_STATE_SEQ), Some(s.state_seq.to_be_bytes().to_vec()));
+            } else {
+                // Paid through the offer, under the payer note that names the settlement, as
+                // the contributor's node recorded it.
+                assert_eq!((s.method.as_str(), s.destination.as_str()), ("bolt12", &*offer));
+                let note = payer_note_of(&d.running().provider_key, s.settlement_id);
+                assert_eq!(
+                    offer_payments_received(node, &s.payment_hash),
+                    vec![(s.amount_msat, Some(note))]
+                );
+            }
             // The signed state carries it, and the payee side accepts it.
             let mut chans = d.channels(Some(&d.operator_token)).await;
             let c = chans
@@ -470,6 +522,23 @@ async fn tributed_devchain_serves_rpc_until_terminated() {
     assert!(status.success(), "{status}");
 }
 
+/// The succeeded inbound offer payments with `hash` a node holds: (amount, payer note).
+fn offer_payments_received(node: &LdkBackend, hash: &[u8]) -> Vec<(u64, Option<String>)> {
+    use ldk_node::payment::{PaymentDirection, PaymentKind, PaymentStatus};
+    node.node()
+        .list_payments_with_filter(|p| {
+            p.direction == PaymentDirection::Inbound && p.status == PaymentStatus::Succeeded
+        })
+        .into_iter()
+        .filter_map(|p| match p.kind {
+            PaymentKind::Bolt12Offer { hash: Some(h), payer_note, .. } if h.0 == hash => {
+                Some((p.amount_msat.unwrap_or(0), payer_note.map(|n| n.0)))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// What a contributor node holds as received: (payment hash, amount) of each succeeded
 /// inbound payment, from the node's own payment store.
 fn inbound(node: &LdkBackend) -> Vec<([u8; 32], u64)> {
@@ -574,7 +643,7 @@ async fn a_crash_at_each_step_pays_exactly_once_on_real_nodes() {
             TestDaemon::start_with_options(config.clone(), options(&daemon_node, Some(fault)))
                 .await;
         if first {
-            setup_paid_model(&d, &contributors).await;
+            setup_paid_model(&d, &contributors, &[None, None]).await;
             first = false;
         }
         let mut meter = d.metering(Some(&d.provider_token)).await;
@@ -657,6 +726,114 @@ async fn a_crash_at_each_step_pays_exactly_once_on_real_nodes() {
     for (node, _) in &contributors {
         node.stop().await.expect("stop");
     }
+    daemon_node.stop().await.expect("stop");
+    chain.shutdown().await;
+}
+
+/// Issue 4: one round of 100 payouts to one contributor node over one private channel pays
+/// every one of them within the round. The channel carries at most 50 HTLCs (LDK's default)
+/// and an HTLC keeps its place there for a while after its payment succeeded, so once more
+/// than 50 payouts had started the node refused about half at send (with 40 driven at once
+/// only ~40 HTLCs were ever ours, yet the channel was found full); the engine now keeps at
+/// most `max_in_flight_per_node` in flight to one node and sends a refused one again as soon
+/// as another finishes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_round_of_100_payouts_to_one_node_pays_them_all() {
+    const PAYOUTS: u64 = 100;
+    let chain = DevChain::start().await.expect("dev chain");
+    let dirs = (TestDir::new("many-daemon-ln-"), TestDir::new("many-c-"));
+    let daemon_node = Arc::new(
+        LdkBackend::start(node_config(&chain, &dirs.0, free_port(), vec![]))
+            .await
+            .expect("daemon node"),
+    );
+    let port = free_port();
+    let node = LdkBackend::start(node_config(&chain, &dirs.1, port, vec![daemon_node.node_id()]))
+        .await
+        .expect("contributor node");
+    let address = daemon_node.onchain_address().await.expect("address");
+    chain.faucet(&address, Amount::from_sat(FUNDING_SATS)).expect("faucet");
+    chain.mine_blocks(1).expect("mine");
+    eventually("funding", || async {
+        let _ = daemon_node.sync_wallets().await;
+        (daemon_node.onchain_balance().await.ok()?.spendable_sat >= FUNDING_SATS).then_some(())
+    })
+    .await;
+    daemon_node
+        .open_channel(tribute_daemon::lightning::OpenChannelRequest {
+            node_id: node.node_id(),
+            addr: format!("127.0.0.1:{port}"),
+            amount_sat: CHANNEL_SATS,
+            push_msat: 0,
+            announce: false,
+        })
+        .await
+        .expect("open");
+    eventually("the funding transaction", || async { (chain.mempool_len() > 0).then_some(()) })
+        .await;
+    chain.mine_blocks(6).expect("mine");
+    let _ = node.sync_wallets().await;
+    eventually("the channel usable", || async {
+        let _ = daemon_node.sync_wallets().await;
+        let list = daemon_node.list_channels().await.ok()?;
+        (list.len() == 1 && list[0].usable).then_some(())
+    })
+    .await;
+
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(data.path());
+    config.settlement.settle_every_secs = 86_400;
+    config.settlement.settle_threshold_msat = 1_000_000_000;
+    config.settlement.max_outstanding_msat = 1_000_000_000;
+    config.settlement.min_payout_msat = 1;
+    let options = StartOptions {
+        lightning: Some(daemon_node.clone() as DynLightningBackend),
+        settlement: EngineOptions {
+            tick: Duration::from_millis(200),
+            poll_interval: Duration::from_millis(5),
+            round_patience: Duration::from_secs(60),
+            // A definite failure is not retried within this test.
+            failure_backoff: Duration::from_secs(600),
+            max_in_flight: 40,
+            ..EngineOptions::default()
+        },
+    };
+    let mut d = TestDaemon::start_with_options(config, options).await;
+    let owners: Vec<(u64, u64)> = (1..=PAYOUTS).map(|n| (100 + n, 1 + n % 5)).collect();
+    setup_model(&d, MODEL, &owners, 800_000).await;
+    let payouts: Vec<_> = owners.iter().map(|(n, _)| (*n, node.node_id(), None)).collect();
+    register_payouts(&d, &payouts).await;
+    let mut meter = d.metering(Some(&d.provider_token)).await;
+    for i in 0..300u64 {
+        meter
+            .meter(usage_request(&format!("m-{i}"), MODEL, 100_000 + i, 50_000))
+            .await
+            .expect("meter");
+    }
+    d.running().flush().await;
+
+    let started = Instant::now();
+    d.running().settlement.settle_now_and_wait().await;
+    let round = started.elapsed();
+    let op = operator(&d).await;
+    let rows = settlements(&op, "", None).await.expect("settlements");
+    let failed: Vec<_> = rows.iter().filter(|s| s.status != "succeeded").collect();
+    assert!(failed.is_empty(), "not paid within the round: {failed:#?}");
+    assert_eq!(rows.len() as u64, PAYOUTS);
+    eprintln!("{PAYOUTS} payouts to one node in one round: {round:.2?}");
+    // The node received each once, for its amount.
+    let got = eventually("the node's records", || async {
+        let got = inbound(&node);
+        (got.len() as u64 >= PAYOUTS).then_some(got)
+    })
+    .await;
+    assert_eq!(got.len() as u64, PAYOUTS);
+    for s in &rows {
+        assert!(got.iter().any(|(h, a)| h.to_vec() == s.payment_hash && *a == s.amount_msat));
+    }
+
+    d.stop().await;
+    node.stop().await.expect("stop");
     daemon_node.stop().await.expect("stop");
     chain.shutdown().await;
 }

@@ -28,6 +28,7 @@ use ldk_node::lightning::events::PaymentFailureReason;
 use ldk_node::lightning::ln::channelmanager::PaymentId as LdkPaymentId;
 use ldk_node::lightning::ln::msgs::SocketAddress;
 use ldk_node::lightning::offers::offer::Offer;
+use ldk_node::lightning::routing::gossip::NodeId;
 use ldk_node::lightning::routing::router::RouteParametersConfig;
 use ldk_node::lightning_types::payment::PaymentPreimage;
 use ldk_node::payment::{PaymentDirection, PaymentKind, PaymentStatus as LdkPaymentStatus};
@@ -120,8 +121,11 @@ pub struct LdkBackendConfig {
     pub network: Network,
     /// Where to accept peer connections, `host:port` (none: outbound connections only).
     pub listening_addresses: Vec<String>,
-    /// The alias announced to the network; needed (with listening addresses) to open
-    /// announced channels.
+    /// The addresses announced to the network, `host:port` (none: the listening addresses).
+    pub announcement_addresses: Vec<String>,
+    /// The alias announced to the network; needed (with listening or announcement
+    /// addresses) to open announced channels — and an announced channel is what lets a node
+    /// with several peers pay BOLT12 offers (see [`LdkBackend::is_announced`]).
     pub node_alias: Option<String>,
     /// Where to read the chain.
     pub chain_source: ChainSourceConfig,
@@ -139,6 +143,7 @@ impl LdkBackendConfig {
             data_dir,
             network,
             listening_addresses: Vec::new(),
+            announcement_addresses: Vec::new(),
             node_alias: None,
             chain_source,
             trusted_peers_no_reserve: Vec::new(),
@@ -313,6 +318,51 @@ impl LdkBackend {
         self.inner.shared.queue.dropped()
     }
 
+    /// Outbound payments the node's store holds as pending (diagnostics).
+    pub fn pending_outbound_payments(&self) -> usize {
+        self.inner
+            .node
+            .list_payments_with_filter(|p| {
+                p.direction == PaymentDirection::Outbound && p.status == LdkPaymentStatus::Pending
+            })
+            .len()
+    }
+
+    /// Whether our node is in its own gossip graph, i.e. has at least one announced channel
+    /// whose announcement the node has taken in. Only then can it pay BOLT12 offers while it
+    /// has several peers: LDK 0.2 (`DefaultMessageRouter`) builds the reply path of an
+    /// invoice request through an announced node — ourselves, or a peer in the graph — and
+    /// through an unannounced peer only when it is our only peer.
+    pub fn is_announced(&self) -> bool {
+        let node = &self.inner.node;
+        node.network_graph().node(&NodeId::from_pubkey(&node.node_id())).is_some()
+    }
+
+    /// Why LDK cannot build a reply path for an invoice request, if that is the case (see
+    /// [`LdkBackend::is_announced`]); `None` if it could.
+    fn reply_path_problem(&self) -> Option<String> {
+        if self.is_announced() {
+            return None;
+        }
+        let node = &self.inner.node;
+        let graph = node.network_graph();
+        let connected: Vec<PublicKey> =
+            node.list_peers().into_iter().filter(|p| p.is_connected).map(|p| p.node_id).collect();
+        let announced_peers =
+            connected.iter().filter(|p| graph.node(&NodeId::from_pubkey(p)).is_some()).count();
+        if connected.len() == 1 || announced_peers > 0 {
+            return None;
+        }
+        Some(format!(
+            "no reply path for the invoice request (LDK: MissingPaths): this node has no \
+             announced channel and {} connected peers, none of them announced, and LDK routes \
+             the offer's invoice back only through an announced node or a node's only peer; \
+             open an announced channel from this node (it needs lightning.node_alias and a \
+             listening or announcement address)",
+            connected.len()
+        ))
+    }
+
     /// Runs `f` on the blocking pool. A panic or a runtime shutting down leaves the outcome
     /// unknown, hence `Transient`.
     async fn on_node<T, F>(&self, what: &'static str, f: F) -> Result<T, LightningError>
@@ -472,6 +522,14 @@ fn build_and_start(
             .map(|a| parse_socket_address(a))
             .collect::<Result<Vec<_>, _>>()?;
         builder.set_listening_addresses(addresses).map_err(build_error)?;
+    }
+    if !config.announcement_addresses.is_empty() {
+        let addresses = config
+            .announcement_addresses
+            .iter()
+            .map(|a| parse_socket_address(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        builder.set_announcement_addresses(addresses).map_err(build_error)?;
     }
     if let Some(alias) = &config.node_alias {
         builder.set_node_alias(alias.clone()).map_err(build_error)?;
@@ -839,8 +897,10 @@ impl LightningBackend for LdkBackend {
             Err(
                 e @ (NodeError::InvoiceRequestCreationFailed | NodeError::PaymentSendingFailed),
             ) => {
-                // ldk-node recorded a failed payment under an id it does not return.
-                Err(LightningError::PaymentFailed(FailureReason::SendFailed(e.to_string())))
+                // ldk-node recorded a failed payment under an id it does not return. Its error
+                // does not say why; the usual cause is one the operator must fix.
+                let why = self.reply_path_problem().unwrap_or_else(|| e.to_string());
+                Err(LightningError::PaymentFailed(FailureReason::SendFailed(why)))
             }
             Err(e) => Err(node_error("pay offer", e)),
         }
