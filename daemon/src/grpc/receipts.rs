@@ -1,7 +1,7 @@
 //! `tribute.v1.Receipts`: a receipt with its inclusion proof and the signed batch root.
 
 use super::blocking;
-use crate::auth::{authorize, policy};
+use crate::auth::{authorize, policy, Role};
 use crate::error::ApiError;
 use crate::grpc::metering::response;
 use crate::ledger::{find_event, shares_of, MeterOutcome, SharedIds};
@@ -38,7 +38,7 @@ impl Receipts for ReceiptsService {
         &self,
         req: Request<pb::GetReceiptRequest>,
     ) -> Result<Response<pb::ReceiptProof>, Status> {
-        authorize(&req, policy::READ_RECEIPT)?;
+        let caller = authorize(&req, policy::READ_RECEIPT)?;
         let request_id = RequestId::new(req.into_inner().request_id).map_err(|e| {
             ApiError::new(Code::InvalidArgument, ErrorReason::InvalidRequestId, e.to_string())
                 .with("field", "request_id")
@@ -69,6 +69,16 @@ impl Receipts for ReceiptsService {
             let shares = shares_of(&registry.snapshot(), &row).ok_or_else(|| {
                 ApiError::storage(format!("cannot recompute the split of {}", row.request_id))
             })?;
+            // A contributor reads only receipts that pay it (others' requests are not its
+            // business): the same answer as for an unknown request.
+            if caller.role == Role::Contributor && !caller.auth_disabled {
+                let mine = caller
+                    .contributor_key
+                    .is_some_and(|k| shares.iter().any(|(key, n)| *key == k && n.0 > 0));
+                if !mine {
+                    return Err(unknown());
+                }
+            }
             let receipt = Receipt {
                 request_id: request_id.clone(),
                 model_id: ModelId::new(row.model_id.as_str()).map_err(ApiError::storage)?,
