@@ -97,10 +97,9 @@ async fn every_rpc_and_caller_matches_the_committed_table() {
                 .await
                 .expect("channel")
                 .into_inner()
-                .channel_id
         }
     };
-    let (channel_a, channel_b) = (channel_of(A).await, channel_of(B).await);
+    let (channel_a, channel_b) = (channel_of(A).await.channel_id, channel_of(B).await.channel_id);
 
     // A proof of equivocation on each channel (forged with the provider's key file).
     let provider = tribute_daemon::keys::load_or_create_keypair(
@@ -109,19 +108,7 @@ async fn every_rpc_and_caller_matches_the_committed_table() {
     .expect("provider key");
     let mut proofs = std::collections::HashMap::new();
     for n in [A, B] {
-        let held = d
-            .channels(Some(&d.operator_token))
-            .await
-            .get_channel(pb::GetChannelRequest {
-                contributor_key: pubkey(n).to_bytes().to_vec(),
-                channel_id: vec![],
-            })
-            .await
-            .expect("channel")
-            .into_inner()
-            .latest_state
-            .expect("state")
-            .signed_state;
+        let held = channel_of(n).await.latest_state.expect("state").signed_state;
         let mut forked = Signed::<ChannelState>::decode(&held).expect("state").message;
         forked.accrued_nsat.0 += 1;
         let received = Signed::sign(forked, &provider, &[9; 32]).expect("sign").encode();
