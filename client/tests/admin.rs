@@ -384,9 +384,9 @@ async fn statements_chain_across_periods_and_exports_agree() {
     let (root, provider) = (token(Role::Operator), token(Role::Provider));
 
     // Period 1: accruals. Period 2: accruals and a settlement. Period 3: accruals.
-    let t0 = now();
+    // Each boundary is a second after the last thing of the period before it happened.
     ledger(&url, &root, &provider).await;
-    let t1 = after(t0).await;
+    let t1 = after(now()).await;
     meter(&url, &provider, "b", 30).await;
     // Both contributors paid (a round may end with a payout still in flight).
     let db_path = tribute_daemon::server::database_path(&dir.path().join("daemon"));
