@@ -122,13 +122,62 @@ impl Contributor {
                 )));
             }
         }
-        Ok(Contributor {
+        Ok(Contributor::from_session(channel, key, token, &challenge))
+    }
+
+    /// A contributor already logged in on `channel` with `token` (the answer to `challenge`).
+    pub fn from_session(
+        channel: Channel,
+        key: ContributorKey,
+        token: String,
+        challenge: &AuthChallenge,
+    ) -> Self {
+        Contributor {
             channel,
             key,
             token,
             network: challenge.network,
             provider_key: challenge.audience,
-        })
+        }
+    }
+
+    /// The payout destination the daemon has for this contributor: (node id, offer).
+    pub async fn payout(&self) -> Result<(Option<[u8; 33]>, Option<String>), ClientError> {
+        const CALL: &str = "Registry.GetContributor";
+        let c = match self
+            .registry()?
+            .get_contributor(pb::GetContributorRequest {
+                contributor_key: self.key.public().to_bytes().to_vec(),
+            })
+            .await
+        {
+            Ok(c) => c.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok((None, None)),
+            Err(s) => return Err(ClientError::rpc(CALL, &s)),
+        };
+        let node_id = match c.node_id.as_slice() {
+            [] => None,
+            b => Some(
+                <[u8; 33]>::try_from(b)
+                    .map_err(|_| ClientError::protocol(CALL, "node_id is not 33 bytes"))?,
+            ),
+        };
+        Ok((node_id, (!c.bolt12_offer.is_empty()).then_some(c.bolt12_offer)))
+    }
+
+    /// Registers `node_id` and `offer` as the payout destination unless the daemon has
+    /// exactly that already. `true` if it registered.
+    pub async fn ensure_payout(
+        &self,
+        node_id: [u8; 33],
+        offer: Option<String>,
+        now: Timestamp,
+    ) -> Result<bool, ClientError> {
+        if self.payout().await? == (Some(node_id), offer.clone()) {
+            return Ok(false);
+        }
+        self.register(Some(node_id), offer, now).await?;
+        Ok(true)
     }
 
     /// The contributor key.

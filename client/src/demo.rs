@@ -17,7 +17,8 @@ use crate::connect::{error_chain, Authed, Bearer, DaemonEndpoint};
 use crate::contributor::Contributor;
 use crate::keys::ContributorKey;
 use crate::manifest::{Manifest, NoProgress};
-use crate::node::{self, NodeConfig, NodeStore, NODE_DB_FILE};
+use crate::node::{self, NodeConfig, NodeStore, PayoutDestination, NODE_DB_FILE};
+use crate::payments;
 use crate::provider::{Meter, Provider, ProviderConfig, RetryPolicy};
 use crate::time::unix_now;
 use futures::StreamExt;
@@ -141,10 +142,10 @@ pub struct ContributorLine {
     pub settled_msat: u64,
     /// Outstanding (accrued - settled), as the daemon's channel says (nsat).
     pub outstanding_nsat: u128,
-    /// What its own Lightning node received from the daemon's (msat), from that node's
-    /// payment store.
+    /// What its receiving node's Lightning node received as payouts (msat), from the
+    /// receiving node's own records (`tribute contributor status`).
     pub received_msat: u64,
-    /// Payments its Lightning node received.
+    /// Payouts its receiving node recorded.
     pub payments: usize,
     /// Accrued as its receiving node's latest verified signed state says (nsat).
     pub verified_accrued_nsat: u128,
@@ -558,9 +559,10 @@ async fn start(options: &DemoOptions, steps: &Steps) -> Result<World, DemoError>
     let daemon_node_id = daemon_ln.node_id();
     // Their Lightning nodes, started together.
     let starting = people.into_iter().map(|(name, weight, home, key, dataset, port)| {
-        let cfg = node_config(home.join("ldk"), port, vec![daemon_node_id]);
+        let cfg = node_config(payments::lightning_dir(&home), port, vec![daemon_node_id]);
         async move {
-            let ln = LdkBackend::start(cfg).await;
+            // The receiving node's own Lightning node, recording payouts in its records.
+            let ln = payments::start_lightning(&home.join(NODE_DB_FILE), cfg).await;
             (name, weight, home, ln, format!("127.0.0.1:{port}"), key, dataset)
         }
     });
@@ -571,7 +573,7 @@ async fn start(options: &DemoOptions, steps: &Steps) -> Result<World, DemoError>
     {
         match ln {
             Ok(ln) => nodes.push((name, weight, home, ln, addr, key, dataset)),
-            Err(e) => failed = Some(e),
+            Err(e) => failed = Some(e.to_string()),
         }
     }
     if let Some(e) = failed {
@@ -663,6 +665,7 @@ async fn bring_up(world: &mut World, steps: &Steps) -> Result<(), DemoError> {
                 initial_backoff: Duration::from_millis(50),
                 max_backoff: Duration::from_secs(1),
             },
+            payout: Some(PayoutDestination { node_id: m.ln.node_id(), offer: None }),
         };
         m.node = Some(tokio::spawn(node::run(config, key, world.stop_nodes.subscribe())));
     }
@@ -929,7 +932,8 @@ async fn drive(
             .await?;
         let (received_msat, payments) =
             wait_for("a contributor's node to record its payments", || async {
-                let got = received(&m.ln);
+                let st = NodeStore::open(&store).ok()?.status().ok()?;
+                let got = (st.received_msat().0, st.payouts().count());
                 (got.0 == settled_msat).then_some(got)
             })
             .await?;
@@ -971,18 +975,6 @@ async fn drive(
         operator_token: world.operator_token.clone(),
         reconcile,
     })
-}
-
-/// What a contributor's Lightning node holds as received from keysend payments: (Σ msat,
-/// count), from its own payment store.
-fn received(ln: &LdkBackend) -> (u64, usize) {
-    use ldk_node::payment::{PaymentDirection, PaymentKind, PaymentStatus};
-    let payments = ln.node().list_payments_with_filter(|p| {
-        p.direction == PaymentDirection::Inbound
-            && p.status == PaymentStatus::Succeeded
-            && matches!(p.kind, PaymentKind::Spontaneous { .. } | PaymentKind::Bolt12Offer { .. })
-    });
-    (payments.iter().filter_map(|p| p.amount_msat).sum(), payments.len())
 }
 
 /// One settlement round: `Operator.SettleNow`, then wait until every channel's whole msat

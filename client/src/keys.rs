@@ -76,6 +76,7 @@ pub enum KeyError {
 }
 
 /// A loaded contributor key.
+#[derive(Clone)]
 pub struct ContributorKey {
     keypair: Keypair,
     public: PublicKey,

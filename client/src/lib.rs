@@ -17,6 +17,7 @@ pub mod error;
 pub mod keys;
 pub mod manifest;
 pub mod node;
+pub mod payments;
 pub mod provider;
 pub mod report;
 pub mod time;

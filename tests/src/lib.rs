@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 pub mod grpc_proxy;
+pub mod ln;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};
@@ -125,6 +126,13 @@ impl TestDaemon {
         pb::channels_client::ChannelsClient::with_interceptor(
             self.channel().await,
             Bearer::new(Some(token)).unwrap(),
+        )
+    }
+
+    pub async fn operator(&self) -> pb::operator_client::OperatorClient<Authed> {
+        pb::operator_client::OperatorClient::with_interceptor(
+            self.channel().await,
+            Bearer::new(Some(&self.operator_token)).unwrap(),
         )
     }
 
