@@ -24,6 +24,17 @@ pub struct Contributor {
     provider_key: PublicKey,
 }
 
+/// Where the daemon pays a contributor, as registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payout {
+    /// Node id for keysend payouts.
+    pub node_id: Option<[u8; 33]>,
+    /// BOLT12 offer (paid through when set).
+    pub offer: Option<String>,
+    /// When the registration was signed.
+    pub registered_at: Timestamp,
+}
+
 /// What the daemon said a licence now is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LicenceStatus {
@@ -141,8 +152,9 @@ impl Contributor {
         }
     }
 
-    /// The payout destination the daemon has for this contributor: (node id, offer).
-    pub async fn payout(&self) -> Result<(Option<[u8; 33]>, Option<String>), ClientError> {
+    /// The payout destination the daemon has for this contributor, with when it was
+    /// registered; `None` if it has none.
+    pub async fn payout(&self) -> Result<Option<Payout>, ClientError> {
         const CALL: &str = "Registry.GetContributor";
         let c = match self
             .registry()?
@@ -152,7 +164,7 @@ impl Contributor {
             .await
         {
             Ok(c) => c.into_inner(),
-            Err(s) if s.code() == tonic::Code::NotFound => return Ok((None, None)),
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
             Err(s) => return Err(ClientError::rpc(CALL, &s)),
         };
         let node_id = match c.node_id.as_slice() {
@@ -162,21 +174,29 @@ impl Contributor {
                     .map_err(|_| ClientError::protocol(CALL, "node_id is not 33 bytes"))?,
             ),
         };
-        Ok((node_id, (!c.bolt12_offer.is_empty()).then_some(c.bolt12_offer)))
+        Ok(Some(Payout {
+            node_id,
+            offer: (!c.bolt12_offer.is_empty()).then_some(c.bolt12_offer),
+            registered_at: Timestamp(c.registered_at),
+        }))
     }
 
     /// Registers `node_id` and `offer` as the payout destination unless the daemon has
-    /// exactly that already. `true` if it registered.
+    /// exactly that already. `true` if it registered. The registration is dated `now`, or
+    /// just after the one it replaces (the daemon keeps the newer of two).
     pub async fn ensure_payout(
         &self,
         node_id: [u8; 33],
         offer: Option<String>,
         now: Timestamp,
     ) -> Result<bool, ClientError> {
-        if self.payout().await? == (Some(node_id), offer.clone()) {
-            return Ok(false);
-        }
-        self.register(Some(node_id), offer, now).await?;
+        let current = self.payout().await?;
+        let at = match &current {
+            Some(p) if p.node_id == Some(node_id) && p.offer == offer => return Ok(false),
+            Some(p) => Timestamp(now.0.max(p.registered_at.0.saturating_add(1))),
+            None => now,
+        };
+        self.register(Some(node_id), offer, at).await?;
         Ok(true)
     }
 

@@ -665,7 +665,7 @@ async fn bring_up(world: &mut World, steps: &Steps) -> Result<(), DemoError> {
                 initial_backoff: Duration::from_millis(50),
                 max_backoff: Duration::from_secs(1),
             },
-            payout: Some(PayoutDestination { node_id: m.ln.node_id(), offer: None }),
+            payout: Some(PayoutDestination { node_id: m.ln.node_id(), offer: false }),
         };
         m.node = Some(tokio::spawn(node::run(config, key, world.stop_nodes.subscribe())));
     }

@@ -600,13 +600,7 @@ async fn contributor(config: &CliConfig, cmd: ContributorCommand) -> Result<(), 
                     )
                     .await
                     .map_err(node_err)?;
-                    let offer = match config.payout.method {
-                        PayoutMethod::Keysend => None,
-                        PayoutMethod::Offer => {
-                            let mut store = NodeStore::open(&store_path).map_err(node_err)?;
-                            Some(payments::node_offer(&mut store, &ln).map_err(node_err)?)
-                        }
-                    };
+                    let offer = config.payout.method == PayoutMethod::Offer;
                     eprintln!(
                         "lightning node {} listening on port {}",
                         hex::encode(ln.node_id()),
@@ -633,6 +627,18 @@ async fn contributor(config: &CliConfig, cmd: ContributorCommand) -> Result<(), 
                 shutdown_signal().await;
                 let _ = stop.send(true);
             });
+            if let Some((ln, PayoutDestination { offer: true, .. })) = &lightning {
+                // Made (and registered) once the node can: it needs its channel first.
+                tokio::spawn(payments::register_offer_when_ready(
+                    node.store_path.clone(),
+                    ln.clone(),
+                    node.endpoint.clone(),
+                    key.clone(),
+                    node.provider_key,
+                    std::time::Duration::from_secs(5),
+                    stopped.clone(),
+                ));
+            }
             eprintln!("contributor {} following {}", key.public(), config.daemon);
             let result = tribute_client::node::run(node, key, stopped).await;
             if let Some((ln, _)) = lightning {

@@ -1038,8 +1038,9 @@ pub struct NodeConfig {
 pub struct PayoutDestination {
     /// The node's id (keysend payouts).
     pub node_id: [u8; 33],
-    /// A BOLT12 offer of the node; when set, the provider pays through it.
-    pub offer: Option<String>,
+    /// Ask to be paid through the node's BOLT12 offer, once the records hold one
+    /// ([`crate::payments::node_offer`]); by keysend until then.
+    pub offer: bool,
 }
 
 /// Runs the node until `shutdown` turns true (or a non-transient error).
@@ -1097,12 +1098,21 @@ async fn session(
     store.check_identity(challenge.network, challenge.audience, key.public())?;
     if let Some(p) = &config.payout {
         let c = Contributor::from_session(channel.clone(), key.clone(), token.clone(), &challenge);
-        if c.ensure_payout(p.node_id, p.offer.clone(), crate::time::unix_now()).await? {
-            tracing::info!(
+        // A refusal is loud but does not stop the node: following the channel matters more,
+        // and payouts still go to the destination the daemon has.
+        let offer = if p.offer { crate::payments::stored_offer(store)? } else { None };
+        match c.ensure_payout(p.node_id, offer.clone(), crate::time::unix_now()).await {
+            Ok(true) => tracing::info!(
                 node_id = %hex::encode(p.node_id),
-                offer = p.offer.is_some(),
+                offer = offer.is_some(),
                 "registered this node's Lightning node as the payout destination"
-            );
+            ),
+            Ok(false) => {}
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(e) => tracing::error!(
+                "could not register this node's Lightning node as the payout destination: {}",
+                error_chain(&e)
+            ),
         }
     }
     let mut client = ChannelsClient::with_interceptor(

@@ -235,10 +235,21 @@ pub async fn start_lightning(
     Ok(node)
 }
 
+/// The BOLT12 offer kept in the node's records, if one was made.
+pub fn stored_offer(store: &NodeStore) -> Result<Option<String>, NodeError> {
+    store.meta_text(OFFER_META)
+}
+
+const OFFER_META: &str = "bolt12_offer";
+
 /// The BOLT12 offer payouts are asked through: the one kept in the node's records, or a new
 /// one of `node` (kept from then on, so the registration does not change at each start).
+///
+/// A node with only private channels can make an offer only once it has a channel to a
+/// peer that is in its gossip graph (the offer's blinded path starts there): before that
+/// this fails, and [`register_offer_when_ready`] tries again.
 pub fn node_offer(store: &mut NodeStore, node: &LdkBackend) -> Result<String, NodeError> {
-    if let Some(offer) = store.meta_text("bolt12_offer")? {
+    if let Some(offer) = stored_offer(store)? {
         return Ok(offer);
     }
     let offer = node
@@ -247,8 +258,55 @@ pub fn node_offer(store: &mut NodeStore, node: &LdkBackend) -> Result<String, No
         .receive_variable_amount("tribute payouts", None)
         .map_err(|e| NodeError::Lightning(format!("creating an offer: {e}")))?
         .to_string();
-    store.set_meta_text("bolt12_offer", &offer)?;
+    store.set_meta_text(OFFER_META, &offer)?;
     Ok(offer)
+}
+
+/// Makes the node's offer as soon as the node can (every `retry` until `stop`), then
+/// registers it with the node id as the payout destination (logging in as `key`). For a
+/// node asked to be paid through an offer that it could not make yet at start: until this
+/// is done, it is paid by keysend.
+pub async fn register_offer_when_ready(
+    store_path: PathBuf,
+    node: LdkBackend,
+    endpoint: crate::DaemonEndpoint,
+    key: crate::keys::ContributorKey,
+    provider_key: Option<PublicKey>,
+    retry: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<String>, NodeError> {
+    let offer = loop {
+        let made = NodeStore::open(&store_path).and_then(|mut s| node_offer(&mut s, &node));
+        match made {
+            Ok(offer) => break offer,
+            Err(e) => tracing::debug!("no offer yet: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(retry) => {}
+            _ = stop.changed() => return Ok(None),
+        }
+    };
+    loop {
+        let registered = async {
+            let c =
+                crate::contributor::Contributor::login(&endpoint, key.clone(), None, provider_key)
+                    .await?;
+            c.ensure_payout(node.node_id(), Some(offer.clone()), crate::time::unix_now()).await
+        }
+        .await;
+        match registered {
+            Ok(_) => {
+                tracing::info!("registered the node's BOLT12 offer as the payout destination");
+                return Ok(Some(offer));
+            }
+            Err(e) if e.is_transient() => tracing::warn!("registering the offer: {e}"),
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(retry) => {}
+            _ = stop.changed() => return Ok(None),
+        }
+    }
 }
 
 /// Where the node's Lightning node keeps its data inside the contributor's home.

@@ -269,6 +269,10 @@ pub struct LightningConfig {
     /// side. A contributor's node lists the provider's node here, so it can take the
     /// provider's channel with an empty wallet (DESIGN.md, "Lightning").
     pub trusted_peers_no_reserve: Vec<String>,
+    /// Peers to keep connected, `node_id@host:port` (a contributor's node lists the
+    /// provider's node: its channel is inbound, so nothing else reconnects to it promptly
+    /// after a restart).
+    pub peers: Vec<String>,
 }
 
 impl Default for LightningConfig {
@@ -285,6 +289,7 @@ impl Default for LightningConfig {
             node_alias: None,
             announcement_addresses: Vec::new(),
             trusted_peers_no_reserve: Vec::new(),
+            peers: Vec::new(),
         }
     }
 }
@@ -332,6 +337,14 @@ impl LightningConfig {
                 );
             }
         }
+        for peer in &l.peers {
+            if parse_peer(peer).is_none() {
+                return invalid(
+                    "lightning.peers",
+                    format!("{peer:?} is not node_id@host:port (66 hex digits, an address)"),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -353,6 +366,7 @@ impl LightningConfig {
         ln.announcement_addresses = self.announcement_addresses.clone();
         ln.trusted_peers_no_reserve =
             self.trusted_peers_no_reserve.iter().filter_map(|p| parse_node_id(p)).collect();
+        ln.peers = self.peers.iter().filter_map(|p| parse_peer(p)).collect();
         ln
     }
 
@@ -655,6 +669,16 @@ pub fn parse_node_id(s: &str) -> Option<[u8; 33]> {
     let id: [u8; 33] = bytes.try_into().ok()?;
     ldk_node::bitcoin::secp256k1::PublicKey::from_slice(&id).ok()?;
     Some(id)
+}
+
+/// `node_id@host:port` → (node id, `host:port`).
+pub fn parse_peer(s: &str) -> Option<([u8; 33], String)> {
+    let (id, addr) = s.trim().split_once('@')?;
+    let (host, port) = addr.rsplit_once(':')?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return None;
+    }
+    Some((parse_node_id(id)?, addr.to_owned()))
 }
 
 /// The name a network has in the configuration and on the wire (`WhoAmI`).

@@ -23,6 +23,16 @@ use tribute_proto::v1 as pb;
 
 pub type Authed = InterceptedService<Channel, Bearer>;
 
+/// Logs to the test's output when `RUST_LOG` is set (e.g. `RUST_LOG=info`).
+pub fn init_logging() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 pub fn now() -> Timestamp {
     tribute_client::time::unix_now()
 }

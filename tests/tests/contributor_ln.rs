@@ -4,7 +4,8 @@
 //! and record every payout they receive. After each settlement the nodes' own records equal
 //! the daemon's view to the nsat (accrued) and the msat (settled), and what their Lightning
 //! nodes received equals what was settled — also after a node was stopped while requests
-//! were metered, and while a settlement was under way.
+//! were metered, and while a settlement was under way. Alice is paid by keysend, Bob through
+//! a BOLT12 offer of his node.
 
 #![allow(clippy::unwrap_used)]
 
@@ -36,6 +37,8 @@ struct Member {
     home: PathBuf,
     key: PublicKey,
     port: u16,
+    /// Paid through a BOLT12 offer of its node (else by keysend).
+    offer: bool,
     running: Option<Running>,
 }
 
@@ -51,8 +54,11 @@ impl Member {
     }
 
     /// Starts the Lightning node, then the receiving node, as `tribute contributor run` does.
-    async fn start(&mut self, chain: &DevChain, d: &TestDaemon, payer: [u8; 33]) {
-        let cfg = node_config(chain, &payments::lightning_dir(&self.home), self.port, vec![payer]);
+    /// `payer`: the daemon's node id and address, kept connected.
+    async fn start(&mut self, chain: &DevChain, d: &TestDaemon, payer: &([u8; 33], String)) {
+        let mut cfg =
+            node_config(chain, &payments::lightning_dir(&self.home), self.port, vec![payer.0]);
+        cfg.peers = vec![payer.clone()];
         let ln = payments::start_lightning(&self.store_path(), cfg).await.expect("lightning");
         let config = NodeConfig {
             endpoint: d.endpoint(),
@@ -64,10 +70,22 @@ impl Member {
                 initial_backoff: Duration::from_millis(20),
                 max_backoff: Duration::from_millis(500),
             },
-            payout: Some(PayoutDestination { node_id: ln.node_id(), offer: None }),
+            payout: Some(PayoutDestination { node_id: ln.node_id(), offer: self.offer }),
         };
         let key = ContributorKey::load(&self.home.join("contributor.key")).unwrap();
         let (stop, stopped) = watch::channel(false);
+        if self.offer {
+            // As `tribute contributor run` does: the offer is made once the node can.
+            tokio::spawn(payments::register_offer_when_ready(
+                self.store_path(),
+                ln.clone(),
+                d.endpoint(),
+                key.clone(),
+                None,
+                Duration::from_millis(200),
+                stopped.clone(),
+            ));
+        }
         let task = tokio::spawn(node::run(config, key, stopped));
         self.running = Some(Running { ln, stop, task });
     }
@@ -98,12 +116,33 @@ async fn daemon_view(d: &TestDaemon, key: PublicKey) -> (u128, u64) {
 /// Waits until the daemon has settled every whole msat of every channel.
 async fn settled_in_full(d: &TestDaemon, members: &[Member]) {
     d.running().flush().await;
+    let deadline = tokio::time::Instant::now() + tribute_tests::ln::WAIT;
     for m in members {
-        eventually(&format!("{}'s channel settled in full", m.name), || async {
+        loop {
             let (accrued, settled) = daemon_view(d, m.key).await;
-            (u128::from(settled) == accrued / 1_000_000).then_some(())
-        })
-        .await;
+            if u128::from(settled) == accrued / 1_000_000 {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let all = d
+                    .operator()
+                    .await
+                    .list_settlements(pb::ListSettlementsRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .settlements;
+                let channels = d
+                    .operator()
+                    .await
+                    .list_lightning_channels(pb::ListLightningChannelsRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner();
+                panic!("{}'s channel never settled in full: {all:#?}\n{channels:#?}", m.name);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -126,10 +165,16 @@ async fn node_matches_daemon(d: &TestDaemon, m: &Member) -> NodeStatus {
             matches!(claim, PaymentClaim::State(_) | PaymentClaim::Notice | PaymentClaim::Named),
             "{p:?}"
         );
-        // Every payout names the settlement and this node's channel in its TLVs.
+        // Every payout names its settlement: a keysend with TLVs that also name this node's
+        // channel, an offer payment with a payer note that also names the provider.
         assert!(p.settlement_id.is_some(), "{p:?}");
-        assert_eq!(p.kind, payments::PaymentKind::Keysend);
-        assert_eq!(p.channel_id, Some(st.channels.last().unwrap().channel_id), "{p:?}");
+        if m.offer {
+            assert_eq!(p.kind, payments::PaymentKind::Bolt12);
+            assert_eq!(p.note_names().map(|n| n.1), Some(d.running().provider_key), "{p:?}");
+        } else {
+            assert_eq!(p.kind, payments::PaymentKind::Keysend);
+            assert_eq!(p.channel_id, Some(st.channels.last().unwrap().channel_id), "{p:?}");
+        }
     }
     assert_eq!(st.unmatched_payments().count(), 0);
     assert_eq!(st.claimed_not_received().count(), 0, "{:?}", st.claimed);
@@ -174,14 +219,18 @@ async fn meter(provider: &Provider, prefix: &str, n: u64) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn contributor_nodes_verify_every_state_and_receive_every_payout() {
+    init_logging();
+    let t0 = std::time::Instant::now();
+    let phase = |what: &str| eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
     let dir = tempfile::tempdir().unwrap();
     let chain = DevChain::start().await.expect("dev chain");
+    let daemon_port = free_port();
     let daemon_ln = Arc::new(
-        LdkBackend::start(node_config(&chain, &dir.path().join("daemon-ln"), free_port(), vec![]))
+        LdkBackend::start(node_config(&chain, &dir.path().join("daemon-ln"), daemon_port, vec![]))
             .await
             .expect("the daemon's node"),
     );
-    let payer = daemon_ln.node_id();
+    let payer = (daemon_ln.node_id(), format!("127.0.0.1:{daemon_port}"));
     let options = StartOptions {
         lightning: Some(daemon_ln.clone() as DynLightningBackend),
         settlement: EngineOptions {
@@ -199,18 +248,19 @@ async fn contributor_nodes_verify_every_state_and_receive_every_payout() {
     // Two contributors license datasets; a model is trained on them.
     let mut members = Vec::new();
     let mut datasets = Vec::new();
-    for (name, weight) in [("alice", 3), ("bob", 2)] {
+    for (name, weight, offer) in [("alice", 3, false), ("bob", 2, true)] {
         let home = dir.path().join(name);
         std::fs::create_dir_all(&home).unwrap();
         let (key, hash) = contributor_with_dataset(&d, &home, name).await;
         datasets.push((hash, weight));
-        members.push(Member { name, home, key, port: free_port(), running: None });
+        members.push(Member { name, home, key, port: free_port(), offer, running: None });
     }
     setup_model(&d, MODEL, &datasets, 800_000).await;
+    phase("daemon and model up");
 
     // Their receiving nodes start with their Lightning nodes and register them.
     for m in &mut members {
-        m.start(&chain, &d, payer).await;
+        m.start(&chain, &d, &payer).await;
     }
     let reg = d.registry(&d.operator_token).await;
     for m in &members {
@@ -234,16 +284,44 @@ async fn contributor_nodes_verify_every_state_and_receive_every_payout() {
     let op = d.operator().await;
     let peers: Vec<Peer> = members
         .iter()
-        .map(|m| Peer { node: m.ln(), address: format!("127.0.0.1:{}", m.port), announce: false })
+        .map(|m| Peer {
+            node: m.ln(),
+            address: format!("127.0.0.1:{}", m.port),
+            // With two peers the daemon's node pays offers only as an announced node.
+            announce: !m.offer,
+        })
         .collect();
+    phase("contributor nodes registered");
     fund_and_open(&op, &chain, Some(&daemon_ln), 2_000_000, 500_000, &peers).await;
     drop(peers);
+    eventually("the daemon's node in its own gossip graph", || async {
+        daemon_ln.is_announced().then_some(())
+    })
+    .await;
+    // Bob's node makes its offer once it can (it needs the channel) and registers it.
+    let bob = members[1].key;
+    eventually("bob's offer registered", || {
+        let mut reg = reg.clone();
+        async move {
+            let c = reg
+                .get_contributor(pb::GetContributorRequest {
+                    contributor_key: bob.to_bytes().to_vec(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (!c.bolt12_offer.is_empty()).then_some(())
+        }
+    })
+    .await;
+    phase("channels usable");
 
     let provider =
         Provider::connect(ProviderConfig::new(d.endpoint(), &d.provider_token)).await.unwrap();
 
     // 1. Metered, settled: both nodes verified every state and received every payout.
     meter(&provider, "first", 40).await;
+    phase("first requests metered");
     op.clone().settle_now(pb::SettleNowRequest {}).await.unwrap();
     settled_in_full(&d, &members).await;
     for m in &members {
@@ -252,6 +330,7 @@ async fn contributor_nodes_verify_every_state_and_receive_every_payout() {
         assert_eq!(st.rejections.len(), 0);
     }
 
+    phase("first round matched");
     // 2. Alice's node (receiving node and Lightning node) stops while requests are metered,
     // and starts again: it catches up to the latest state.
     let metering = {
@@ -260,7 +339,7 @@ async fn contributor_nodes_verify_every_state_and_receive_every_payout() {
     };
     members[0].stop().await;
     metering.await.unwrap();
-    members[0].start(&chain, &d, payer).await;
+    members[0].start(&chain, &d, &payer).await;
     d.running().flush().await;
     let (accrued, _) = daemon_view(&d, members[0].key).await;
     eventually("alice's node to catch up after a stop", || async {
@@ -278,6 +357,7 @@ async fn contributor_nodes_verify_every_state_and_receive_every_payout() {
     })
     .await;
 
+    phase("alice caught up after a stop");
     // 3. Alice's node stops while a settlement is under way: her payout cannot be
     // delivered and is retried; bob's is paid. She starts again and is paid, exactly once.
     members[0].stop().await;
@@ -287,13 +367,16 @@ async fn contributor_nodes_verify_every_state_and_receive_every_payout() {
         (u128::from(settled) == accrued / 1_000_000).then_some(())
     })
     .await;
-    members[0].start(&chain, &d, payer).await;
+    phase("bob paid while alice is away");
+    members[0].start(&chain, &d, &payer).await;
     settled_in_full(&d, &members).await;
+    phase("alice paid after her restart");
     for m in &members {
         let st = node_matches_daemon(&d, m).await;
         assert_eq!(st.payouts().count(), 2, "{}", m.name);
     }
 
+    phase("second round matched");
     for m in &mut members {
         m.stop().await;
     }
@@ -302,4 +385,5 @@ async fn contributor_nodes_verify_every_state_and_receive_every_payout() {
     d.stop().await;
     daemon_ln.stop().await.unwrap();
     chain.shutdown().await;
+    phase("all stopped");
 }
