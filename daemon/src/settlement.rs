@@ -37,7 +37,7 @@ use crate::lightning::{
 use crate::registry::Registry;
 use crate::store::{self, StoreError};
 use ldk_node::bitcoin::hashes::{hmac, sha256, Hash, HashEngine};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1008,7 +1008,7 @@ fn intend(
     dest: &Destination,
     now: u64,
 ) -> Result<SettlementRow, StoreError> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let id: i64 =
         tx.query_row("SELECT COALESCE(MAX(settlement_id), 0) + 1 FROM settlements", [], |r| {
             r.get(0)
