@@ -13,6 +13,7 @@ pub mod config;
 pub mod connect;
 pub mod contributor;
 pub mod demo;
+pub mod devnet;
 pub mod error;
 pub mod keys;
 pub mod manifest;

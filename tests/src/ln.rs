@@ -1,158 +1,33 @@
-//! Lightning on the dev chain for the end-to-end tests: real ldk-node nodes, the daemon's
-//! node funded from the dev chain's faucet and channels opened through the operator RPCs
-//! (so the same code drives an in-process daemon or a `tributed` process).
+//! Lightning on the dev chain for the end-to-end tests: the client's `devnet` helpers, with
+//! a wait that fails the test.
 
-use crate::Authed;
-use ldk_node::bitcoin::address::NetworkUnchecked;
-use ldk_node::bitcoin::{Address, Amount, Network as BtcNetwork};
 use std::future::Future;
-use std::net::{Ipv4Addr, TcpListener};
-use std::path::Path;
-use std::time::{Duration, Instant};
-use tribute_daemon::devchain::DevChain;
-use tribute_daemon::lightning::{ChainSourceConfig, LdkBackend, LdkBackendConfig};
-use tribute_proto::v1 as pb;
-use tribute_proto::v1::operator_client::OperatorClient;
-
-/// Longest wait for anything on the dev chain or the Lightning nodes.
-pub const WAIT: Duration = Duration::from_secs(120);
+pub use tribute_client::devnet::{free_port as try_free_port, node_config, Peer, WAIT};
 
 /// A port free on 127.0.0.1 now.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind port 0");
-    listener.local_addr().expect("local addr").port()
+    try_free_port().expect("a free port")
 }
 
-/// Polls `check` every 100 ms until it returns `Some`, for at most [`WAIT`].
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+/// Polls `check` until it returns `Some`, for at most [`WAIT`]; fails the test after.
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {WAIT:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    tribute_client::devnet::wait_until(what, check).await.unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A regtest node in `dir` on the dev chain, listening on 127.0.0.1:`port`, keeping no
-/// anchor reserve for channels from `trusted`.
-pub fn node_config(
-    chain: &DevChain,
-    dir: &Path,
-    port: u16,
-    trusted: Vec<[u8; 33]>,
-) -> LdkBackendConfig {
-    LdkBackendConfig {
-        listening_addresses: vec![format!("127.0.0.1:{port}")],
-        trusted_peers_no_reserve: trusted,
-        node_alias: Some(format!("tribute-test-{port}")),
-        ..LdkBackendConfig::new(
-            dir.to_path_buf(),
-            BtcNetwork::Regtest,
-            ChainSourceConfig::dev_chain(chain),
-        )
-    }
-}
-
-/// A peer the daemon's node opens a channel to.
-pub struct Peer<'a> {
-    /// Its node (nudged to sync while the channel confirms).
-    pub node: &'a LdkBackend,
-    /// `host:port` it listens on.
-    pub address: String,
-    /// Announce the channel (BOLT12 payers with several peers need one announced channel).
-    pub announce: bool,
-}
-
-/// Funds the daemon's node with `funding_sat` from the faucet (through
-/// `Operator.NewOnchainAddress`), opens a channel of `channel_sat` to each peer
-/// (`Operator.OpenLightningChannel`, one funding transaction at a time), confirms them and
-/// waits until the daemon lists every channel as usable.
+/// [`tribute_client::devnet::fund_and_open`], failing the test on an error.
 pub async fn fund_and_open(
-    op: &OperatorClient<Authed>,
-    chain: &DevChain,
-    daemon_node: Option<&LdkBackend>,
+    op: &tribute_proto::v1::operator_client::OperatorClient<crate::Authed>,
+    chain: &tribute_daemon::devchain::DevChain,
+    daemon_node: Option<&tribute_daemon::lightning::LdkBackend>,
     funding_sat: u64,
     channel_sat: u64,
     peers: &[Peer<'_>],
 ) {
-    let sync = || async {
-        if let Some(n) = daemon_node {
-            let _ = n.sync_wallets().await;
-        }
-        for p in peers {
-            let _ = p.node.sync_wallets().await;
-        }
-    };
-    let address = op
-        .clone()
-        .new_onchain_address(pb::NewOnchainAddressRequest {})
+    tribute_client::devnet::fund_and_open(op, chain, daemon_node, funding_sat, channel_sat, peers)
         .await
-        .expect("Operator.NewOnchainAddress")
-        .into_inner()
-        .address;
-    let address = address
-        .parse::<Address<NetworkUnchecked>>()
-        .expect("address")
-        .require_network(BtcNetwork::Regtest)
-        .expect("a regtest address");
-    chain.faucet(&address, Amount::from_sat(funding_sat)).expect("faucet");
-    chain.mine_blocks(1).expect("mine");
-    eventually("the daemon's node to see its funds", || async {
-        sync().await;
-        let b = op
-            .clone()
-            .get_onchain_balance(pb::GetOnchainBalanceRequest {})
-            .await
-            .ok()?
-            .into_inner();
-        (b.spendable_sat >= funding_sat).then_some(())
-    })
-    .await;
-    let before = channel_count(op).await;
-    for p in peers {
-        op.clone()
-            .open_lightning_channel(pb::OpenLightningChannelRequest {
-                node_id: p.node.node_id().to_vec(),
-                address: p.address.clone(),
-                amount_sat: channel_sat,
-                push_msat: 0,
-                announce: p.announce,
-            })
-            .await
-            .expect("Operator.OpenLightningChannel");
-        // One funding transaction at a time: each spends the previous one's change.
-        eventually("the funding transaction", || async { (chain.mempool_len() > 0).then_some(()) })
-            .await;
-        chain.mine_blocks(1).expect("mine");
-        sync().await;
-    }
-    chain.mine_blocks(6).expect("mine");
-    let want = before + peers.len();
-    eventually("the channels to become usable", || async {
-        sync().await;
-        let list = op
-            .clone()
-            .list_lightning_channels(pb::ListLightningChannelsRequest {})
-            .await
-            .ok()?
-            .into_inner();
-        (list.channels.iter().filter(|c| c.usable).count() >= want).then_some(())
-    })
-    .await;
-}
-
-async fn channel_count(op: &OperatorClient<Authed>) -> usize {
-    op.clone()
-        .list_lightning_channels(pb::ListLightningChannelsRequest {})
-        .await
-        .expect("Operator.ListLightningChannels")
-        .into_inner()
-        .channels
-        .len()
+        .unwrap_or_else(|e| panic!("funding and opening channels: {e}"));
 }
