@@ -1,0 +1,64 @@
+//! Receipt verification on arbitrary receipts and inclusion proofs against a real signed
+//! batch root of four receipts: nothing panics, and only the four receipts that are in the
+//! batch ever verify (a proof for anything else would be a forgery).
+#![no_main]
+
+use bitcoin::secp256k1::{Keypair, SecretKey};
+use libfuzzer_sys::fuzz_target;
+use std::sync::OnceLock;
+use tribute_channels::codec::Encode;
+use tribute_channels::merkle::InclusionProof;
+use tribute_channels::receipt::{build_batch, verify_receipt, Receipt, ReceiptBatchRoot};
+use tribute_channels::{sign::secp, ModelId, Network, Nsat, PublicKey, RequestId, Signed};
+
+struct Batch {
+    receipts: Vec<Receipt>,
+    root: Signed<ReceiptBatchRoot>,
+}
+
+fn batch() -> &'static Batch {
+    static BATCH: OnceLock<Batch> = OnceLock::new();
+    BATCH.get_or_init(|| {
+        let key = |n: u8| {
+            let kp =
+                Keypair::from_secret_key(secp(), &SecretKey::from_slice(&[n; 32]).expect("valid"));
+            (kp, PublicKey::from(kp.x_only_public_key().0))
+        };
+        let (provider, provider_key) = key(1);
+        let mut contributors = [key(2).1, key(3).1];
+        contributors.sort();
+        let receipts: Vec<Receipt> = (0..4u128)
+            .map(|i| {
+                Receipt::new(
+                    RequestId::new(format!("req-{i}")).expect("id"),
+                    ModelId::new("model").expect("id"),
+                    1,
+                    Nsat(1000 + i),
+                    vec![(contributors[0], Nsat(400)), (contributors[1], Nsat(600 + i))],
+                )
+                .expect("receipt")
+            })
+            .collect();
+        let tree = build_batch(&receipts).expect("tree");
+        let root = ReceiptBatchRoot::for_tree(Network::Regtest, provider_key, 7, &tree);
+        Batch { receipts, root: Signed::sign(root, &provider, &[0; 32]).expect("sign") }
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    // A two-byte length of the receipt's bytes, the receipt, then the proof.
+    if data.len() < 2 {
+        return;
+    }
+    let n = usize::from(u16::from_be_bytes([data[0], data[1]])).min(data.len() - 2);
+    let (receipt_bytes, proof_bytes) = data[2..].split_at(n);
+    let (Ok(receipt), Ok(proof)) =
+        (Receipt::decode(receipt_bytes), InclusionProof::decode(proof_bytes))
+    else {
+        return;
+    };
+    let b = batch();
+    if verify_receipt(&receipt, &proof, &b.root).is_ok() {
+        assert!(b.receipts.contains(&receipt), "a receipt outside the batch verified");
+    }
+});
