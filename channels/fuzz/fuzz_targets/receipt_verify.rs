@@ -13,6 +13,8 @@ use tribute_channels::{sign::secp, ModelId, Network, Nsat, PublicKey, RequestId,
 
 struct Batch {
     receipts: Vec<Receipt>,
+    /// Each receipt's inclusion proof, encoded.
+    proofs: Vec<Vec<u8>>,
     root: Signed<ReceiptBatchRoot>,
 }
 
@@ -41,23 +43,34 @@ fn batch() -> &'static Batch {
             .collect();
         let tree = build_batch(&receipts).expect("tree");
         let root = ReceiptBatchRoot::for_tree(Network::Regtest, provider_key, 7, &tree);
-        Batch { receipts, root: Signed::sign(root, &provider, &[0; 32]).expect("sign") }
+        let proofs = (0..4).map(|i| tree.proof(i).expect("proof").encode()).collect();
+        Batch { receipts, proofs, root: Signed::sign(root, &provider, &[0; 32]).expect("sign") }
     })
 }
 
 fuzz_target!(|data: &[u8]| {
-    // A two-byte length of the receipt's bytes, the receipt, then the proof.
-    if data.len() < 2 {
-        return;
+    // Starts from receipt `data[0] % 4` and its real proof, so most inputs decode; the rest
+    // of the input is edits (position, xor) on their bytes, and one byte that moves the
+    // border between receipt and proof.
+    let b = batch();
+    let Some((&pick, edits)) = data.split_first() else { return };
+    let i = usize::from(pick % 4);
+    let receipt_bytes = b.receipts[i].encode();
+    let mut bytes = receipt_bytes.clone();
+    bytes.extend_from_slice(&b.proofs[i]);
+    let mut border = receipt_bytes.len();
+    let mut pairs = edits.chunks_exact(2);
+    for pair in &mut pairs {
+        let at = usize::from(pair[0]) % bytes.len();
+        bytes[at] ^= pair[1];
     }
-    let n = usize::from(u16::from_be_bytes([data[0], data[1]])).min(data.len() - 2);
-    let (receipt_bytes, proof_bytes) = data[2..].split_at(n);
-    let (Ok(receipt), Ok(proof)) =
-        (Receipt::decode(receipt_bytes), InclusionProof::decode(proof_bytes))
-    else {
+    if let [shift] = pairs.remainder() {
+        border = (border + usize::from(*shift)).saturating_sub(128).min(bytes.len());
+    }
+    let (r, p) = bytes.split_at(border);
+    let (Ok(receipt), Ok(proof)) = (Receipt::decode(r), InclusionProof::decode(p)) else {
         return;
     };
-    let b = batch();
     if verify_receipt(&receipt, &proof, &b.root).is_ok() {
         assert!(b.receipts.contains(&receipt), "a receipt outside the batch verified");
     }
