@@ -131,6 +131,12 @@ fn wrong_network(field: &str) -> ApiError {
     .with("field", field)
 }
 
+/// A signed record's timestamp as an i64 column. One past `i64::MAX` is bad input (the
+/// signer chose it), not a storage fault.
+fn timestamp_column(t: Timestamp, field: &str) -> Result<i64, ApiError> {
+    i64::try_from(t.0).map_err(|_| ApiError::malformed(field, "timestamp above 2^63 - 1"))
+}
+
 fn lock(conn: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
     // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
     // back on drop), so a poisoned lock is still usable.
@@ -204,7 +210,7 @@ impl Registry {
                 reg.contributor_key.to_bytes(),
                 reg.node_id.map(|n| n.to_vec()),
                 reg.bolt12_offer,
-                store::u64_to_column(reg.registered_at.0, "registered_at")?,
+                timestamp_column(reg.registered_at, "signed_registration")?,
                 signed.encode(),
             ],
         )
@@ -275,7 +281,7 @@ impl Registry {
             "UPDATE licences SET revoked_at = ?2, revocation = ?3 WHERE licence_id = ?1",
             params![
                 r.licence_id,
-                store::u64_to_column(r.revoked_at.0, "revoked_at")?,
+                timestamp_column(r.revoked_at, "signed_revocation")?,
                 signed.encode()
             ],
         )
