@@ -8,9 +8,12 @@
 use crate::error::ApiError;
 use crate::store::{self, StoreError};
 use arc_swap::ArcSwap;
+use ldk_node::bitcoin::constants::ChainHash;
 use ldk_node::bitcoin::secp256k1::Keypair;
+use ldk_node::lightning::offers::offer::Offer;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
+use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use tonic::Code;
 use tribute_channels::attribution::AttributionVector;
@@ -185,6 +188,16 @@ impl Registry {
         let reg = &signed.message;
         if reg.network != self.network {
             return Err(wrong_network("signed_registration"));
+        }
+        if let Some(offer) = &reg.bolt12_offer {
+            // The form was checked on decoding; an offer for another chain would only fail
+            // at the first payout.
+            let offer = Offer::from_str(offer).map_err(|e| {
+                ApiError::malformed("signed_registration", format!("bolt12_offer: {e:?}"))
+            })?;
+            if !offer.supports_chain(ChainHash::using_genesis_block(self.network.to_bitcoin())) {
+                return Err(wrong_network("signed_registration"));
+            }
         }
         let conn = lock(&self.conn);
         let snap = self.snapshot();

@@ -18,6 +18,8 @@ mod common;
 
 use common::*;
 use ldk_node::bitcoin::secp256k1::{self, constants::CURVE_ORDER, Keypair, SecretKey};
+use ldk_node::bitcoin::Network as BtcNetwork;
+use ldk_node::lightning::offers::offer::OfferBuilder;
 use prost::bytes::{Buf, BufMut};
 use std::collections::{BTreeMap, BTreeSet};
 use tonic::codec::{DecodeBuf, EncodeBuf};
@@ -363,6 +365,17 @@ fn contributor(
     Signed::sign(reg, &keypair(n), &[1; 32]).expect("sign")
 }
 
+/// A BOLT12 offer (`lno1…`) for `chain` (`None`: no chains field, i.e. mainnet).
+fn offer(chain: Option<BtcNetwork>) -> String {
+    let node = ldk_node::bitcoin::secp256k1::PublicKey::from_keypair(&keypair(50));
+    let builder = OfferBuilder::new(node);
+    let builder = match chain {
+        Some(c) => builder.chain(c),
+        None => builder,
+    };
+    builder.build().expect("offer").to_string()
+}
+
 fn revocation(n: u64, ds: u64, f: impl FnOnce(&mut Revocation)) -> Revocation {
     let mut r = Revocation {
         network: Network::Regtest,
@@ -625,6 +638,21 @@ async fn every_rpc_refuses_hostile_input_with_code_and_reason_and_changes_nothin
             MALFORMED,
         ),
         ("no payout destination", contributor(20, |r| r.node_id = None).encode(), MALFORMED),
+        (
+            "BOLT12 offer for mainnet",
+            contributor(20, |r| r.bolt12_offer = Some(offer(Some(BtcNetwork::Bitcoin)))).encode(),
+            err(Code::InvalidArgument, R::WrongNetwork),
+        ),
+        (
+            "BOLT12 offer without chains (mainnet)",
+            contributor(20, |r| r.bolt12_offer = Some(offer(None))).encode(),
+            err(Code::InvalidArgument, R::WrongNetwork),
+        ),
+        (
+            "BOLT12 offer of the right form that does not parse",
+            contributor(20, |r| r.bolt12_offer = Some("lno1qqqqqqqq".into())).encode(),
+            MALFORMED,
+        ),
         ("70 KiB", too_big.clone(), err(Code::OutOfRange, R::MessageTooLarge)),
         ("300 KiB", beyond_hard.clone(), Want::Framing(Code::OutOfRange)),
     ];
