@@ -55,6 +55,8 @@ use tribute_channels::split::Weights;
 use tribute_channels::{ChannelId, Network, Nsat, PublicKey, Signed};
 use tribute_proto::v1::ErrorReason;
 
+use crate::faults::{MeterFault, ALL_METER_FAULTS};
+
 /// Tunables of the writer.
 #[derive(Clone, Copy, Debug)]
 pub struct LedgerConfig {
@@ -439,6 +441,10 @@ struct Writer {
     pending_since: Option<Instant>,
     /// Channels whose row lags their head: the first batch the row does not show.
     unwritten: HashMap<PublicKey, u64>,
+    /// Test-only fault point (`faults`): where, and at which batch.
+    fault: Option<(MeterFault, u64)>,
+    /// A fault point was reached: the writer stops as if the process died.
+    halted: bool,
 }
 
 impl Ledger {
@@ -473,6 +479,8 @@ impl Ledger {
             signed_pending: Vec::new(),
             pending_since: None,
             unwritten: HashMap::new(),
+            fault: crate::faults::take_armed(),
+            halted: false,
         };
         writer.load()?;
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
@@ -614,6 +622,10 @@ impl Writer {
                         }
                         if !jobs.is_empty() {
                             self.process(jobs);
+                            if self.halted {
+                                tracing::warn!("ledger writer stopped at its fault point");
+                                return;
+                            }
                         }
                         for (job, reply) in settles {
                             let _ = reply.send(self.settle(job));
@@ -993,6 +1005,7 @@ impl Writer {
     fn commit(&mut self, fresh: &[MeterJob]) -> Result<(u64, Groups), ApiError> {
         let internal = |e: String| ApiError::new(Code::Internal, ErrorReason::Internal, e);
         let batch_seq = self.next_batch_seq;
+        let at = |point| self.fault == Some((point, batch_seq));
         let tree = MerkleTree::new(fresh.iter().map(|j| j.prepared.leaf).collect())
             .map_err(|e| internal(e.to_string()))?;
         let root = ReceiptBatchRoot::for_tree(self.network, self.provider_key, batch_seq, &tree);
@@ -1059,6 +1072,17 @@ impl Writer {
 
         let now = store::u64_to_column(unix_now(), "now")?;
         let batch_col = store::u64_to_column(batch_seq, "batch_seq")?;
+        // Test-only fault points, in ALL_METER_FAULTS order (nothing is armed in production).
+        let faults = ALL_METER_FAULTS.map(at);
+        let halt = |hit: bool, halted: &mut bool| {
+            *halted |= hit;
+            if hit {
+                Err(ApiError::new(Code::Unavailable, ErrorReason::ShuttingDown, "writer stopped"))
+            } else {
+                Ok(())
+            }
+        };
+        halt(faults[0], &mut self.halted)?;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -1088,6 +1112,7 @@ impl Writer {
                 ])
                 .map_err(StoreError::from)?;
             }
+            halt(faults[1], &mut self.halted)?;
             let leaves: Vec<u8> = fresh.iter().flat_map(|j| j.prepared.leaf).collect();
             tx.prepare_cached(
                 "INSERT INTO receipt_batches (batch_seq, receipt_count, merkle_root, signed_root, leaves,
@@ -1105,6 +1130,7 @@ impl Writer {
                 now
             ])
             .map_err(StoreError::from)?;
+            halt(faults[2], &mut self.halted)?;
             for (key, entry, _) in &mut staged {
                 if entry.rowid == 0 {
                     entry.rowid = insert_channel(&tx, key, entry, batch_seq)?;
@@ -1122,7 +1148,9 @@ impl Writer {
                 watermark,
             )?;
         }
+        halt(faults[3], &mut self.halted)?;
         tx.commit().map_err(StoreError::from)?;
+        halt(faults[4], &mut self.halted)?;
 
         // Durable: install, and release the signed states.
         {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod dashboard;
 pub mod devchain;
 pub mod error;
+pub mod faults;
 pub mod grpc;
 pub mod hub;
 pub mod keys;

@@ -8,9 +8,12 @@
 use crate::error::ApiError;
 use crate::store::{self, StoreError};
 use arc_swap::ArcSwap;
+use ldk_node::bitcoin::constants::ChainHash;
 use ldk_node::bitcoin::secp256k1::Keypair;
+use ldk_node::lightning::offers::offer::Offer;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
+use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use tonic::Code;
 use tribute_channels::attribution::AttributionVector;
@@ -131,6 +134,12 @@ fn wrong_network(field: &str) -> ApiError {
     .with("field", field)
 }
 
+/// A signed record's timestamp as an i64 column. One past `i64::MAX` is bad input (the
+/// signer chose it), not a storage fault.
+fn timestamp_column(t: Timestamp, field: &str) -> Result<i64, ApiError> {
+    i64::try_from(t.0).map_err(|_| ApiError::malformed(field, "timestamp above 2^63 - 1"))
+}
+
 fn lock(conn: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
     // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
     // back on drop), so a poisoned lock is still usable.
@@ -180,6 +189,16 @@ impl Registry {
         if reg.network != self.network {
             return Err(wrong_network("signed_registration"));
         }
+        if let Some(offer) = &reg.bolt12_offer {
+            // The form was checked on decoding; an offer for another chain would only fail
+            // at the first payout.
+            let offer = Offer::from_str(offer).map_err(|e| {
+                ApiError::malformed("signed_registration", format!("bolt12_offer: {e:?}"))
+            })?;
+            if !offer.supports_chain(ChainHash::using_genesis_block(self.network.to_bitcoin())) {
+                return Err(wrong_network("signed_registration"));
+            }
+        }
         let conn = lock(&self.conn);
         let snap = self.snapshot();
         if let Some(existing) = snap.contributors.get(&reg.contributor_key) {
@@ -204,7 +223,7 @@ impl Registry {
                 reg.contributor_key.to_bytes(),
                 reg.node_id.map(|n| n.to_vec()),
                 reg.bolt12_offer,
-                store::u64_to_column(reg.registered_at.0, "registered_at")?,
+                timestamp_column(reg.registered_at, "signed_registration")?,
                 signed.encode(),
             ],
         )
@@ -275,7 +294,7 @@ impl Registry {
             "UPDATE licences SET revoked_at = ?2, revocation = ?3 WHERE licence_id = ?1",
             params![
                 r.licence_id,
-                store::u64_to_column(r.revoked_at.0, "revoked_at")?,
+                timestamp_column(r.revoked_at, "signed_revocation")?,
                 signed.encode()
             ],
         )

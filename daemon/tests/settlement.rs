@@ -331,7 +331,13 @@ async fn a_contributor_with_an_offer_is_paid_through_it_twice() {
     let backend = Arc::new(ScriptedBackend::new());
     let d = TestDaemon::start_with_options(config(dir.path()), options(&backend, None)).await;
     setup_model(&d, MODEL, &OWNERS, 700_000).await;
-    let offer = "lno1qgsqvgnwgcg35z6ee2h3yczraddm72xrfua9uve2rlrm9deu7xyfzrcgqgn3qzsyvfkx26qkyypvr5hfx60h9w9k934lt8s2n6zc0wwtgqlulw7dythr83dqx8tzumg".to_owned();
+    // A regtest offer: the daemon refuses offers for another chain at registration.
+    let node = ldk_node::bitcoin::secp256k1::PublicKey::from_keypair(&keypair(34));
+    let offer = ldk_node::lightning::offers::offer::OfferBuilder::new(node)
+        .chain(ldk_node::bitcoin::Network::Regtest)
+        .build()
+        .expect("offer")
+        .to_string();
     let reg = ContributorRegistration {
         network: Network::Regtest,
         contributor_key: pubkey(33),

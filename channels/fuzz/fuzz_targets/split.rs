@@ -31,7 +31,9 @@ fuzz_target!(|data: &[u8]| {
     let pool = Nsat(u128::from_be_bytes(data[..16].try_into().expect("16 bytes")));
     let entries: Vec<(PublicKey, u64)> = data[16..]
         .chunks_exact(9)
-        .map(|c| (keys()[usize::from(c[0])], u64::from_be_bytes(c[1..].try_into().expect("8 bytes"))))
+        .map(|c| {
+            (keys()[usize::from(c[0])], u64::from_be_bytes(c[1..].try_into().expect("8 bytes")))
+        })
         .collect();
     let Ok(shares) = split(pool, &entries) else { return };
     let total: u128 = entries.iter().map(|(_, w)| u128::from(*w)).sum();

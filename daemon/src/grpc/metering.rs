@@ -170,6 +170,9 @@ impl Metering for MeteringService {
         tokio::spawn(async move {
             let mut pending = FuturesOrdered::new();
             let mut input_open = true;
+            // Why the input ended early (e.g. a message that is not protobuf): told to the
+            // client after the answers before it, so a cut stream never ends as if complete.
+            let mut input_error = None;
             loop {
                 tokio::select! {
                     biased;
@@ -200,11 +203,17 @@ impl Metering for MeteringService {
                             Some(Err(status)) => {
                                 tracing::debug!("meter stream input error: {status}");
                                 input_open = false;
+                                input_error = Some(status);
                             }
                             None => input_open = false,
                         }
                     }
-                    else => return,
+                    else => {
+                        if let Some(status) = input_error.take() {
+                            let _ = tx.send(Err(status)).await;
+                        }
+                        return;
+                    }
                 }
             }
         });

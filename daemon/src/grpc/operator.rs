@@ -325,12 +325,10 @@ impl Operator for OperatorService {
         }
         let key = optional_key(&r.contributor_key, "contributor_key")?;
         let limit = if r.limit == 0 { MAX_LIST } else { r.limit.min(MAX_LIST) };
-        let until = if r.created_until == 0 {
-            i64::MAX
-        } else {
-            store::u64_to_column(r.created_until, "created_until").map_err(ApiError::from)?
-        };
-        let from = store::u64_to_column(r.created_from, "created_from").map_err(ApiError::from)?;
+        // Bounds past the i64 columns' range are past every row: clamp, don't fail.
+        let clamp = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
+        let until = if r.created_until == 0 { i64::MAX } else { clamp(r.created_until) };
+        let from = clamp(r.created_from);
         let reader = self.reader.clone();
         let rows = blocking(move || {
             let conn = store::lock(&reader);
@@ -366,8 +364,18 @@ impl Operator for OperatorService {
         })?;
         let key = optional_key(&r.contributor_key, "contributor_key")?;
         let now = Timestamp(unix_now());
-        let expires =
-            (r.expires_in_secs > 0).then(|| Timestamp(now.0.saturating_add(r.expires_in_secs)));
+        let expires = match r.expires_in_secs {
+            0 => None,
+            secs => Some(
+                now.0
+                    .checked_add(secs)
+                    .filter(|t| i64::try_from(*t).is_ok())
+                    .map(Timestamp)
+                    .ok_or_else(|| {
+                        ApiError::malformed("expires_in_secs", "expiry above 2^63 - 1 seconds")
+                    })?,
+            ),
+        };
         let tokens = self.tokens.clone();
         let t = blocking(move || tokens.create(role, key, &r.label, expires, now)).await?;
         Ok(Response::new(pb::CreateTokenResponse {
