@@ -19,6 +19,7 @@ pub mod manifest;
 pub mod node;
 pub mod provider;
 pub mod report;
+pub mod reputation;
 pub mod time;
 
 pub use connect::DaemonEndpoint;

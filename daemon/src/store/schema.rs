@@ -9,7 +9,7 @@ use rusqlite_migration::{Migrations, M};
 
 /// Every migration, in order.
 pub fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3)])
+    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3), M::up(V4)])
 }
 
 const V1: &str = r#"
@@ -146,6 +146,21 @@ CREATE TABLE misbehaviour_reports (
     received        BLOB NOT NULL,
     reported_at     INTEGER NOT NULL,
     UNIQUE (held, received)
+) STRICT;
+"#;
+
+/// Signed evaluation records (`Reputation.SubmitEvaluation`), kept verbatim: reputation is
+/// recomputed from `signed` alone (`tribute report reputation`). The other columns are
+/// copies of fields inside it, for lookups.
+const V4: &str = r#"
+CREATE TABLE evaluations (
+    evaluation_id       TEXT PRIMARY KEY,
+    evaluator_key       BLOB NOT NULL,
+    model_id            TEXT NOT NULL REFERENCES models(model_id),
+    attribution_version INTEGER NOT NULL,
+    evaluated_at        INTEGER NOT NULL,
+    received_at         INTEGER NOT NULL,
+    signed              BLOB NOT NULL
 ) STRICT;
 "#;
 
