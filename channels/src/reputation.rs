@@ -221,8 +221,8 @@ pub fn contributions(
             let c = (sign * scale(raw)).clamp(-max_c, max_c) as i64;
             let h = (half_width.max(0) as u128).clamp(u128::from(min_h), u128::from(max_h));
             // h <= max_half_width; with h² > 10^24 the precision rounds to at least 1.
-            let precision = (U256::from(10u8).pow(24) / (U256::from(h) * U256::from(h)))
-                .max(U256::ONE);
+            let precision =
+                (U256::from(10u8).pow(24) / (U256::from(h) * U256::from(h))).max(U256::ONE);
             let weight = u128::try_from(precision * U256::from(decay)).unwrap_or(u128::MAX);
             Contribution {
                 evaluation_id: e.evaluation_id.clone(),

@@ -28,16 +28,16 @@ use std::path::PathBuf;
 use tonic::transport::Channel;
 use tribute_channels::auth::AuthChallenge;
 use tribute_channels::codec::Encode;
-use tribute_channels::Signed;
-use tribute_proto::v1 as pb;
-use tribute_proto::v1::auth_client::AuthClient;
-use tribute_proto::v1::reputation_client::ReputationClient;
 use tribute_channels::evaluation::{
     Evaluation, Measurement, MeasurementKind, Score, LEAVE_ONE_OUT,
 };
 use tribute_channels::ids::{BenchmarkId, EvaluationId, Label};
 use tribute_channels::reputation::{Contribution, Report, Reputation};
+use tribute_channels::Signed;
 use tribute_channels::{DatasetHash, ModelId, Network, PublicKey, Timestamp};
+use tribute_proto::v1 as pb;
+use tribute_proto::v1::auth_client::AuthClient;
+use tribute_proto::v1::reputation_client::ReputationClient;
 
 /// One dataset's entry in the JSON body.
 #[derive(Debug, Clone, Deserialize)]
@@ -115,7 +115,8 @@ impl EvaluationInput {
         let mut measurements = Vec::with_capacity(self.datasets.len());
         for (i, d) in self.datasets.iter().enumerate() {
             let f = |name: &str| format!("datasets[{i}].{name}");
-            let dataset = DatasetHash::from_hex(d.dataset.trim()).map_err(|e| bad(&f("dataset"), e))?;
+            let dataset =
+                DatasetHash::from_hex(d.dataset.trim()).map_err(|e| bad(&f("dataset"), e))?;
             let kind = if d.method == LEAVE_ONE_OUT {
                 MeasurementKind::LeaveOneOut {
                     ablation_score: score(&f("ablation_score"), d.ablation_score)?,
@@ -217,7 +218,8 @@ pub fn report_text(r: &Report) -> String {
         format!(
             "{name}  {} ±{} ({} evaluations, {} measurements)\n",
             ppb_decimal(rep.score_ppb),
-            ppb_decimal(i64::try_from(rep.half_width_ppb).unwrap_or(i64::MAX)).trim_start_matches('+'),
+            ppb_decimal(i64::try_from(rep.half_width_ppb).unwrap_or(i64::MAX))
+                .trim_start_matches('+'),
             rep.evaluations,
             rep.measurements
         )
@@ -254,11 +256,14 @@ pub enum EvaluatorCommand {
 pub async fn run_evaluator(config: &CliConfig, cmd: EvaluatorCommand) -> Result<(), ClientError> {
     match cmd {
         EvaluatorCommand::Submit { file, key } => {
-            let text = std::fs::read_to_string(&file).map_err(|e| bad(&file.display().to_string(), e))?;
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| bad(&file.display().to_string(), e))?;
             let input = EvaluationInput::from_json(&text)?;
             let key = ContributorKey::load(&key)?;
             let token = config.token.as_deref().ok_or_else(|| {
-                ClientError::Config("an evaluator token is needed: set TRIBUTE_CLI_TOKEN or pass --token".into())
+                ClientError::Config(
+                    "an evaluator token is needed: set TRIBUTE_CLI_TOKEN or pass --token".into(),
+                )
             })?;
             let channel = config.endpoint()?.connect().await?;
             let network = match config.network()? {
@@ -269,7 +274,9 @@ pub async fn run_evaluator(config: &CliConfig, cmd: EvaluatorCommand) -> Result<
             let signed = Signed::sign(e, key.keypair(), &random_bytes()?)
                 .map_err(|e| ClientError::Config(e.to_string()))?;
             let r = ReputationClient::with_interceptor(channel, Bearer::new(Some(token))?)
-                .submit_evaluation(pb::SubmitEvaluationRequest { signed_evaluation: signed.encode() })
+                .submit_evaluation(pb::SubmitEvaluationRequest {
+                    signed_evaluation: signed.encode(),
+                })
                 .await
                 .map_err(|s| ClientError::rpc("Reputation.SubmitEvaluation", &s))?
                 .into_inner();
@@ -299,11 +306,7 @@ async fn daemon_network(channel: Channel, key: PublicKey) -> Result<Network, Cli
 
 /// A contributor's own view: each of its datasets' reputation at `as_of` (0 = now) with
 /// the contributions (and evaluation records) behind it.
-pub async fn contributor_view(
-    c: &Contributor,
-    as_of: u64,
-    json: bool,
-) -> Result<(), ClientError> {
+pub async fn contributor_view(c: &Contributor, as_of: u64, json: bool) -> Result<(), ClientError> {
     let mut rep = ReputationClient::with_interceptor(c.channel(), Bearer::new(Some(c.token()))?);
     let list = rep
         .list_reputation(pb::ListReputationRequest {
@@ -316,10 +319,13 @@ pub async fn contributor_view(
     let mut datasets = Vec::with_capacity(list.datasets.len());
     for d in &list.datasets {
         datasets.push(
-            rep.get_reputation(pb::GetReputationRequest { dataset_hash: d.dataset_hash.clone(), as_of: list.as_of })
-                .await
-                .map_err(|s| ClientError::rpc("Reputation.GetReputation", &s))?
-                .into_inner(),
+            rep.get_reputation(pb::GetReputationRequest {
+                dataset_hash: d.dataset_hash.clone(),
+                as_of: list.as_of,
+            })
+            .await
+            .map_err(|s| ClientError::rpc("Reputation.GetReputation", &s))?
+            .into_inner(),
         );
     }
     let score = |s: &Option<pb::ReputationScore>| {
@@ -398,8 +404,9 @@ mod tests {
 
     #[test]
     fn the_agreed_json_becomes_a_canonical_record() {
-        let key = PublicKey::from_hex("79be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798")
-            .expect("key");
+        let key =
+            PublicKey::from_hex("79be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798")
+                .expect("key");
         let e = EvaluationInput::from_json(BODY)
             .expect("parses")
             .to_evaluation(key, Network::Regtest, Timestamp(7))

@@ -9,7 +9,7 @@
 
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
-use crate::registry::{Registry, Snapshot};
+use crate::registry::{QualityVersion, Registry, Snapshot, Version};
 use crate::store::{self, StoreError};
 use rusqlite::{params, Connection};
 use std::collections::BTreeMap;
@@ -17,8 +17,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use tonic::Code;
 use tribute_channels::evaluation::{Evaluation, EvaluationError};
-use tribute_channels::reputation::{aggregate, Params, Report};
-use tribute_channels::{DatasetHash, PublicKey, Signed, Timestamp};
+use tribute_channels::ids::Label;
+use tribute_channels::reputation::{aggregate, Params, QualityPolicy, Report};
+use tribute_channels::{DatasetHash, ModelId, PublicKey, Signed, Timestamp};
 use tribute_proto::v1::ErrorReason;
 
 /// An accepted record: decoded, and its exact signed bytes.
@@ -49,9 +50,14 @@ pub struct ReputationBook {
 
 /// The owner of `dataset` in the attribution version `e` evaluated (`None` if the model or
 /// version is unknown, or the dataset not in it).
-pub fn owner_in_version(snap: &Snapshot, e: &Evaluation, dataset: &DatasetHash) -> Option<PublicKey> {
+pub fn owner_in_version(
+    snap: &Snapshot,
+    e: &Evaluation,
+    dataset: &DatasetHash,
+) -> Option<PublicKey> {
     let model = snap.models.get(&e.model_id)?;
-    let version = model.versions.get(usize::try_from(e.attribution_version).ok()?.checked_sub(1)?)?;
+    let version =
+        model.versions.get(usize::try_from(e.attribution_version).ok()?.checked_sub(1)?)?;
     let i = version.vector.datasets.binary_search_by_key(dataset, |d| d.dataset_hash).ok()?;
     Some(version.vector.datasets[i].contributor_key)
 }
@@ -102,20 +108,31 @@ impl ReputationBook {
 
     /// Checks and stores a signed record submitted by `caller` at `now`. Every refusal
     /// leaves the database and the book unchanged.
-    pub fn submit(&self, caller: &Caller, bytes: &[u8], now: Timestamp) -> Result<Submitted, ApiError> {
+    pub fn submit(
+        &self,
+        caller: &Caller,
+        bytes: &[u8],
+        now: Timestamp,
+    ) -> Result<Submitted, ApiError> {
         let signed = Signed::<Evaluation>::decode(bytes).map_err(|e| {
             ApiError::malformed("signed_evaluation", format!("signed_evaluation: {e}"))
         })?;
         signed.verify().map_err(|_| {
-            ApiError::new(Code::InvalidArgument, ErrorReason::BadSignature, "signed_evaluation: bad signature")
-                .with("field", "signed_evaluation")
+            ApiError::new(
+                Code::InvalidArgument,
+                ErrorReason::BadSignature,
+                "signed_evaluation: bad signature",
+            )
+            .with("field", "signed_evaluation")
         })?;
         let e = &signed.message;
         e.validate().map_err(|err| match err {
-            EvaluationError::MalformedInterval(d) => {
-                ApiError::new(Code::InvalidArgument, ErrorReason::MalformedInterval, err.to_string())
-                    .with("dataset", d.to_hex())
-            }
+            EvaluationError::MalformedInterval(d) => ApiError::new(
+                Code::InvalidArgument,
+                ErrorReason::MalformedInterval,
+                err.to_string(),
+            )
+            .with("dataset", d.to_hex()),
             _ => ApiError::malformed("signed_evaluation", err.to_string()),
         })?;
         if e.network != self.registry.network() {
@@ -213,6 +230,63 @@ impl ReputationBook {
         self.records.write().unwrap_or_else(|p| p.into_inner()).insert(id, record.clone());
         drop(conn);
         Ok(Submitted { record, already_recorded: false })
+    }
+}
+
+impl ReputationBook {
+    /// Opts `model_id` into quality-weighted payouts under `policy` (named `policy_id`,
+    /// version `policy_version`): a new attribution version whose weights are the newest
+    /// run-derived version's, each `floor(w · f(r) / 10^6)` with `r` the dataset's
+    /// reputation at `as_of` (unmeasured datasets: the neutral factor, clamped).
+    pub fn apply_quality_policy(
+        &self,
+        model_id: &ModelId,
+        policy_id: &str,
+        policy_version: u32,
+        policy: QualityPolicy,
+        as_of: Timestamp,
+        now: Timestamp,
+    ) -> Result<Arc<Version>, ApiError> {
+        policy.validate().map_err(|e| {
+            ApiError::new(Code::InvalidArgument, ErrorReason::InvalidQualityPolicy, e.to_string())
+        })?;
+        Label::new(policy_id).map_err(|e| ApiError::malformed("policy_id", e.to_string()))?;
+        let snap = self.registry.snapshot();
+        let model = snap.models.get(model_id).ok_or_else(|| {
+            ApiError::new(Code::NotFound, ErrorReason::UnknownModel, "unknown model")
+                .with("model_id", model_id.as_str())
+        })?;
+        let base = model.run_base().ok_or_else(|| {
+            ApiError::new(
+                Code::FailedPrecondition,
+                ErrorReason::BadAttribution,
+                "the model has no training run to weight",
+            )
+            .with("model_id", model_id.as_str())
+        })?;
+        let report = self.report(as_of);
+        let factors_ppm: Vec<u32> = base
+            .vector
+            .datasets
+            .iter()
+            .map(|d| policy.factor_ppm(report.datasets.get(&d.dataset_hash)))
+            .collect();
+        let weights = base
+            .vector
+            .datasets
+            .iter()
+            .zip(&factors_ppm)
+            .map(|(d, f)| (d.dataset_hash, QualityPolicy::adjusted_weight(d.weight, *f)))
+            .collect();
+        let info = QualityVersion {
+            base_version: base.vector.version,
+            policy_id: policy_id.to_owned(),
+            policy_version,
+            policy,
+            as_of,
+            factors_ppm,
+        };
+        self.registry.add_quality_version(model_id, info, weights, now)
     }
 }
 

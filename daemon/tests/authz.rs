@@ -247,6 +247,10 @@ async fn every_rpc_and_caller_matches_the_committed_table() {
         .list_reputation(pb::ListReputationRequest { contributor_key: key(w), as_of: 0 })
         .await
         .map(drop));
+    row!("Reputation.ApplyQualityPolicy", |c, _w| Rp::with_interceptor(c.0, c.1)
+        .apply_quality_policy(pb::ApplyQualityPolicyRequest::default())
+        .await
+        .map(drop));
     row!("Metering.Meter", |c, _w| Me::with_interceptor(c.0, c.1)
         .meter(pb::MeterRequest::default())
         .await

@@ -6,7 +6,7 @@ mod channels;
 pub(crate) mod metering;
 mod operator;
 mod receipts;
-mod registry;
+pub(crate) mod registry;
 mod reputation;
 
 pub use channels::ChannelsService;

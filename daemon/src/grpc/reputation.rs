@@ -7,7 +7,7 @@ use crate::ledger::unix_now;
 use crate::reputation::ReputationBook;
 use std::sync::Arc;
 use tonic::{Code, Request, Response, Status};
-use tribute_channels::reputation::{Contribution, Report, Reputation};
+use tribute_channels::reputation::{Contribution, QualityPolicy, Report, Reputation};
 use tribute_channels::Timestamp;
 use tribute_proto::v1 as pb;
 use tribute_proto::v1::reputation_server::Reputation as ReputationRpc;
@@ -161,5 +161,31 @@ impl ReputationRpc for ReputationService {
         let report = blocking(move || Ok(book.report(at))).await?;
         let snap = self.book.registry().snapshot();
         Ok(Response::new(list(&report, |d| snap.owner(d), only)))
+    }
+
+    async fn apply_quality_policy(
+        &self,
+        req: Request<pb::ApplyQualityPolicyRequest>,
+    ) -> Result<Response<pb::Attribution>, Status> {
+        authorize(&req, policy::REGISTER_MODEL)?;
+        let r = req.into_inner();
+        let model_id = tribute_channels::ModelId::new(r.model_id.as_str())
+            .map_err(|e| ApiError::malformed("model_id", e.to_string()))?;
+        let quality =
+            QualityPolicy { gain_ppm: r.gain_ppm, floor_ppm: r.floor_ppm, cap_ppm: r.cap_ppm };
+        let book = self.book.clone();
+        let at = as_of(r.as_of);
+        let v = blocking(move || {
+            book.apply_quality_policy(
+                &model_id,
+                &r.policy_id,
+                r.policy_version,
+                quality,
+                at,
+                Timestamp(unix_now()),
+            )
+        })
+        .await?;
+        Ok(Response::new(super::registry::attribution_pb(&v)))
     }
 }

@@ -162,6 +162,26 @@ CREATE TABLE evaluations (
     received_at         INTEGER NOT NULL,
     signed              BLOB NOT NULL
 ) STRICT;
+
+-- Attribution versions made by a quality policy (not by a training run): the datasets of
+-- run-derived version `base_version` with adjusted weights. `datasets`: entries of dataset
+-- hash (32 bytes), factor ppm (u32 BE) and adjusted weight (u64 BE), in hash order. Version
+-- numbers are shared with training_runs: each version is in exactly one of the two tables.
+CREATE TABLE quality_versions (
+    model_id            TEXT NOT NULL REFERENCES models(model_id),
+    attribution_version INTEGER NOT NULL,
+    base_version        INTEGER NOT NULL,
+    policy_id           TEXT NOT NULL,
+    policy_version      INTEGER NOT NULL,
+    gain_ppm            INTEGER NOT NULL,
+    floor_ppm           INTEGER NOT NULL,
+    cap_ppm             INTEGER NOT NULL,
+    as_of               INTEGER NOT NULL,
+    datasets            BLOB NOT NULL,
+    created_at          INTEGER NOT NULL,
+    PRIMARY KEY (model_id, attribution_version),
+    UNIQUE (model_id, policy_id, policy_version)
+) STRICT;
 "#;
 
 const V2: &str = r#"
