@@ -16,11 +16,16 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use tonic::Code;
+use tribute_channels::codec::Encode;
 use tribute_channels::evaluation::{Evaluation, EvaluationError};
 use tribute_channels::ids::Label;
 use tribute_channels::reputation::{aggregate, Params, QualityPolicy, Report};
 use tribute_channels::{DatasetHash, ModelId, PublicKey, Signed, Timestamp};
 use tribute_proto::v1::ErrorReason;
+
+/// How far in the future a record's `evaluated_at` may be (clock skew), in seconds: a
+/// record dated later would escape time decay.
+pub const MAX_CLOCK_SKEW_SECS: u64 = 300;
 
 /// An accepted record: decoded, and its exact signed bytes.
 #[derive(Clone, Debug)]
@@ -142,6 +147,9 @@ impl ReputationBook {
                 "signed_evaluation is for another network",
             )
             .with("field", "signed_evaluation"));
+        }
+        if e.evaluated_at.0 > now.0.saturating_add(MAX_CLOCK_SKEW_SECS) {
+            return Err(ApiError::malformed("signed_evaluation", "evaluated_at is in the future"));
         }
         // The evaluator role is held by a token bound to the signing key.
         let holds_role = caller.auth_disabled

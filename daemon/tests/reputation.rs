@@ -23,7 +23,7 @@ const B: u64 = 42;
 const E: u64 = 43;
 /// A key that holds no evaluator token.
 const F: u64 = 44;
-const EVALUATED_AT: u64 = 1_800_000_000;
+const EVALUATED_AT: u64 = 1_780_000_000;
 const AS_OF: u64 = EVALUATED_AT + 86_400;
 
 fn score(x: f64) -> Score {
