@@ -527,8 +527,8 @@ async fn statements_chain_across_periods_and_exports_agree() {
 
 /// Writes key `n` as a key file (one line of hex, mode 0600) at `path`.
 fn write_key(path: &Path, n: u8) {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -572,11 +572,11 @@ async fn an_evaluator_submits_and_reputation_is_served_and_recomputed() {
     let (body_arg, key_arg) = (body.to_str().expect("utf8"), key.to_str().expect("utf8"));
     let submit = |token: String| {
         let url = url.clone();
-        async move {
-            tribute(&url, &token, &["evaluator", "submit", body_arg, "--key", key_arg]).await
-        }
+        async move { tribute(&url, &token, &["evaluator", "submit", body_arg, "--key", key_arg]).await }
     };
-    assert!(ok(&submit(evaluator.clone()).await).contains("recorded evaluation e-cli (2 measurements)"));
+    assert!(
+        ok(&submit(evaluator.clone()).await).contains("recorded evaluation e-cli (2 measurements)")
+    );
     assert!(ok(&submit(evaluator.clone()).await).contains("already recorded"));
     // A token bound to another key may not submit this key's record.
     let other = submit(token(Role::Evaluator, Some(pubkey(8)))).await;
@@ -593,7 +593,15 @@ async fn an_evaluator_submits_and_reputation_is_served_and_recomputed() {
     let view = ok(&tribute(
         &url,
         "",
-        &["--home", home.to_str().expect("utf8"), "contributor", "reputation", "--as-of", as_of, "--json"],
+        &[
+            "--home",
+            home.to_str().expect("utf8"),
+            "contributor",
+            "reputation",
+            "--as-of",
+            as_of,
+            "--json",
+        ],
     )
     .await);
     let view: serde_json::Value = serde_json::from_str(&view).expect("json");
@@ -609,7 +617,15 @@ async fn an_evaluator_submits_and_reputation_is_served_and_recomputed() {
     let report = ok(&tribute(
         &url,
         &root,
-        &["report", "reputation", file.to_str().expect("utf8"), "--as-of", as_of, "--format", "json"],
+        &[
+            "report",
+            "reputation",
+            file.to_str().expect("utf8"),
+            "--as-of",
+            as_of,
+            "--format",
+            "json",
+        ],
     )
     .await);
     let report: serde_json::Value = serde_json::from_str(&report).expect("json");

@@ -41,7 +41,7 @@ pub struct StoredEvaluation {
 pub struct Submitted {
     /// The record now stored.
     pub record: StoredEvaluation,
-    /// True when the same bytes were already stored (nothing was written).
+    /// True when the same record was already stored (nothing was written).
     pub already_recorded: bool,
 }
 
@@ -209,7 +209,9 @@ impl ReputationBook {
         let id = e.evaluation_id.as_str().to_owned();
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(existing) = self.records.read().unwrap_or_else(|p| p.into_inner()).get(&id) {
-            if existing.bytes == bytes {
+            // The same record, even signed again (BIP340 signatures differ with their
+            // auxiliary randomness), is the same evaluation: the first bytes stay.
+            if existing.signed.message == signed.message {
                 return Ok(Submitted { record: existing.clone(), already_recorded: true });
             }
             return Err(ApiError::new(

@@ -188,6 +188,12 @@ async fn evaluations_are_checked_stored_once_and_aggregated() {
     let again = submit(&mut ev, good_bytes.clone()).await.expect("idempotent");
     assert!(again.already_recorded);
     assert_eq!(db_fingerprint(&d.db_path()), stored);
+    // Signed again (another BIP340 aux randomness, so other signature bytes): the same
+    // record, answered the same way.
+    let resigned = Signed::sign(good.clone(), &keypair(E), &[8; 32]).expect("sign").encode();
+    assert_ne!(resigned, good_bytes);
+    assert!(submit(&mut ev, resigned).await.expect("idempotent").already_recorded);
+    assert_eq!(db_fingerprint(&d.db_path()), stored);
     // The same id with other content is refused.
     let other = sign(record("eval-1", E, "m", 1, vec![loo(dataset(A), 0.70)]), E);
     let err = submit(&mut ev, other).await.expect_err("conflict");
