@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tribute_channels::{Network, PublicKey};
+use tribute_daemon::config::LightningConfig;
 
 /// Prefix of the environment variables the CLI reads.
 pub const ENV_PREFIX: &str = "TRIBUTE_CLI_";
@@ -43,6 +44,36 @@ pub struct CliConfig {
     pub connect_timeout_secs: u64,
     /// Provider SDK settings.
     pub provider: ProviderSection,
+    /// The receiving node's own Lightning node (`tribute contributor run`), with the same
+    /// keys as the daemon's `[lightning]` section; off by default.
+    pub lightning: LightningConfig,
+    /// How the receiving node asks to be paid.
+    pub payout: PayoutSection,
+}
+
+/// How the receiving node asks to be paid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PayoutSection {
+    /// `keysend` (to the node id) or `offer` (a BOLT12 offer of the node, made once and
+    /// kept in the node's records).
+    pub method: PayoutMethod,
+}
+
+impl Default for PayoutSection {
+    fn default() -> Self {
+        PayoutSection { method: PayoutMethod::Keysend }
+    }
+}
+
+/// How the provider pays this contributor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayoutMethod {
+    /// Keysend to the node id, with TLVs naming the settlement.
+    Keysend,
+    /// A BOLT12 offer of the node, with a payer note naming the settlement.
+    Offer,
 }
 
 impl std::fmt::Debug for CliConfig {
@@ -55,6 +86,8 @@ impl std::fmt::Debug for CliConfig {
             .field("network", &self.network)
             .field("provider_key", &self.provider_key)
             .field("provider", &self.provider)
+            .field("lightning", &self.lightning)
+            .field("payout", &self.payout)
             .finish()
     }
 }
@@ -105,6 +138,8 @@ impl Default for CliConfig {
             provider_key: None,
             connect_timeout_secs: 5,
             provider: ProviderSection::default(),
+            lightning: LightningConfig::default(),
+            payout: PayoutSection::default(),
         }
     }
 }
@@ -193,9 +228,19 @@ impl CliConfig {
                 "`provider.call_deadline_ms` and `attempt_timeout_ms` must be positive".into()
             );
         }
-        self.network()?;
+        let network = self.network()?;
         self.pinned_provider_key()?;
         self.endpoint_shape()?;
+        if self.lightning.enabled {
+            let network = network.ok_or_else(|| {
+                ClientError::Config(
+                    "configuration: `lightning.enabled` needs `network` (the Lightning node is \
+                     started before the daemon is asked)"
+                        .into(),
+                )
+            })?;
+            self.lightning.validate(network).map_err(|e| ClientError::Config(e.to_string()))?;
+        }
         Ok(())
     }
 
@@ -300,6 +345,8 @@ mod tests {
             let c = CliConfig::load_from(Some(&path), &GlobalArgs::default()).expect("loads");
             assert_eq!(c.daemon, "http://127.0.0.1:50051");
             assert_eq!(c.provider, ProviderSection::default());
+            assert_eq!(c.lightning, LightningConfig::default());
+            assert_eq!(c.payout, PayoutSection::default());
             assert_eq!(c.network().expect("network"), Some(Network::Regtest));
             Ok(())
         });

@@ -24,6 +24,17 @@ pub struct Contributor {
     provider_key: PublicKey,
 }
 
+/// Where the daemon pays a contributor, as registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payout {
+    /// Node id for keysend payouts.
+    pub node_id: Option<[u8; 33]>,
+    /// BOLT12 offer (paid through when set).
+    pub offer: Option<String>,
+    /// When the registration was signed.
+    pub registered_at: Timestamp,
+}
+
 /// What the daemon said a licence now is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LicenceStatus {
@@ -122,13 +133,71 @@ impl Contributor {
                 )));
             }
         }
-        Ok(Contributor {
+        Ok(Contributor::from_session(channel, key, token, &challenge))
+    }
+
+    /// A contributor already logged in on `channel` with `token` (the answer to `challenge`).
+    pub fn from_session(
+        channel: Channel,
+        key: ContributorKey,
+        token: String,
+        challenge: &AuthChallenge,
+    ) -> Self {
+        Contributor {
             channel,
             key,
             token,
             network: challenge.network,
             provider_key: challenge.audience,
-        })
+        }
+    }
+
+    /// The payout destination the daemon has for this contributor, with when it was
+    /// registered; `None` if it has none.
+    pub async fn payout(&self) -> Result<Option<Payout>, ClientError> {
+        const CALL: &str = "Registry.GetContributor";
+        let c = match self
+            .registry()?
+            .get_contributor(pb::GetContributorRequest {
+                contributor_key: self.key.public().to_bytes().to_vec(),
+            })
+            .await
+        {
+            Ok(c) => c.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
+            Err(s) => return Err(ClientError::rpc(CALL, &s)),
+        };
+        let node_id = match c.node_id.as_slice() {
+            [] => None,
+            b => Some(
+                <[u8; 33]>::try_from(b)
+                    .map_err(|_| ClientError::protocol(CALL, "node_id is not 33 bytes"))?,
+            ),
+        };
+        Ok(Some(Payout {
+            node_id,
+            offer: (!c.bolt12_offer.is_empty()).then_some(c.bolt12_offer),
+            registered_at: Timestamp(c.registered_at),
+        }))
+    }
+
+    /// Registers `node_id` and `offer` as the payout destination unless the daemon has
+    /// exactly that already. `true` if it registered. The registration is dated `now`, or
+    /// just after the one it replaces (the daemon keeps the newer of two).
+    pub async fn ensure_payout(
+        &self,
+        node_id: [u8; 33],
+        offer: Option<String>,
+        now: Timestamp,
+    ) -> Result<bool, ClientError> {
+        let current = self.payout().await?;
+        let at = match &current {
+            Some(p) if p.node_id == Some(node_id) && p.offer == offer => return Ok(false),
+            Some(p) => Timestamp(now.0.max(p.registered_at.0.saturating_add(1))),
+            None => now,
+        };
+        self.register(Some(node_id), offer, at).await?;
+        Ok(true)
     }
 
     /// The contributor key.

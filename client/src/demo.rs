@@ -15,18 +15,18 @@
 use crate::amounts::{grouped, msat_decimal};
 use crate::connect::{error_chain, Authed, Bearer, DaemonEndpoint};
 use crate::contributor::Contributor;
+use crate::devnet;
 use crate::keys::ContributorKey;
 use crate::manifest::{Manifest, NoProgress};
-use crate::node::{self, NodeConfig, NodeStore, NODE_DB_FILE};
+use crate::node::{self, NodeConfig, NodeStore, PayoutDestination, NODE_DB_FILE};
+use crate::payments;
 use crate::provider::{Meter, Provider, ProviderConfig, RetryPolicy};
 use crate::time::unix_now;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use ldk_node::bitcoin::address::NetworkUnchecked;
-use ldk_node::bitcoin::{Address, Amount, Network as BtcNetwork};
 use std::fmt::Write as _;
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,9 +37,7 @@ use tribute_channels::{DatasetHash, Network, PublicKey, Timestamp};
 use tribute_daemon::auth::Role;
 use tribute_daemon::config::Config;
 use tribute_daemon::devchain::DevChain;
-use tribute_daemon::lightning::{
-    ChainSourceConfig, DynLightningBackend, LdkBackend, LdkBackendConfig,
-};
+use tribute_daemon::lightning::{DynLightningBackend, LdkBackend};
 use tribute_daemon::reconcile;
 use tribute_daemon::server::{self, RunningDaemon, StartOptions};
 use tribute_daemon::settlement::EngineOptions;
@@ -141,10 +139,10 @@ pub struct ContributorLine {
     pub settled_msat: u64,
     /// Outstanding (accrued - settled), as the daemon's channel says (nsat).
     pub outstanding_nsat: u128,
-    /// What its own Lightning node received from the daemon's (msat), from that node's
-    /// payment store.
+    /// What its receiving node's Lightning node received as payouts (msat), from the
+    /// receiving node's own records (`tribute contributor status`).
     pub received_msat: u64,
-    /// Payments its Lightning node received.
+    /// Payouts its receiving node recorded.
     pub payments: usize,
     /// Accrued as its receiving node's latest verified signed state says (nsat).
     pub verified_accrued_nsat: u128,
@@ -371,8 +369,7 @@ where
 }
 
 fn free_port() -> Result<u16, DemoError> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).during("finding a free port")?;
-    Ok(listener.local_addr().during("finding a free port")?.port())
+    devnet::free_port().during("finding a free port")
 }
 
 /// The deterministic traffic generator (SplitMix64): token counts of simulated requests.
@@ -533,10 +530,8 @@ async fn start(options: &DemoOptions, steps: &Steps) -> Result<World, DemoError>
     let chain = DevChain::start().await.during("starting the dev chain")?;
     steps.say(format!("dev chain (regtest simulator) on {}", chain.rpc_addr()));
 
-    let node_config = |path: PathBuf, port: u16, trusted: Vec<[u8; 33]>| LdkBackendConfig {
-        listening_addresses: vec![format!("127.0.0.1:{port}")],
-        trusted_peers_no_reserve: trusted,
-        ..LdkBackendConfig::new(path, BtcNetwork::Regtest, ChainSourceConfig::dev_chain(&chain))
+    let node_config = |path: PathBuf, port: u16, trusted: Vec<[u8; 33]>| {
+        devnet::node_config(&chain, &path, port, trusted)
     };
     // Each contributor: a key file and a dataset directory hashed into its manifest.
     let mut people = Vec::new();
@@ -558,9 +553,10 @@ async fn start(options: &DemoOptions, steps: &Steps) -> Result<World, DemoError>
     let daemon_node_id = daemon_ln.node_id();
     // Their Lightning nodes, started together.
     let starting = people.into_iter().map(|(name, weight, home, key, dataset, port)| {
-        let cfg = node_config(home.join("ldk"), port, vec![daemon_node_id]);
+        let cfg = node_config(payments::lightning_dir(&home), port, vec![daemon_node_id]);
         async move {
-            let ln = LdkBackend::start(cfg).await;
+            // The receiving node's own Lightning node, recording payouts in its records.
+            let ln = payments::start_lightning(&home.join(NODE_DB_FILE), cfg).await;
             (name, weight, home, ln, format!("127.0.0.1:{port}"), key, dataset)
         }
     });
@@ -571,7 +567,7 @@ async fn start(options: &DemoOptions, steps: &Steps) -> Result<World, DemoError>
     {
         match ln {
             Ok(ln) => nodes.push((name, weight, home, ln, addr, key, dataset)),
-            Err(e) => failed = Some(e),
+            Err(e) => failed = Some(e.to_string()),
         }
     }
     if let Some(e) = failed {
@@ -663,6 +659,7 @@ async fn bring_up(world: &mut World, steps: &Steps) -> Result<(), DemoError> {
                 initial_backoff: Duration::from_millis(50),
                 max_backoff: Duration::from_secs(1),
             },
+            payout: Some(PayoutDestination { node_id: m.ln.node_id(), offer: false }),
         };
         m.node = Some(tokio::spawn(node::run(config, key, world.stop_nodes.subscribe())));
     }
@@ -690,71 +687,24 @@ fn write_dataset(dir: &Path, name: &str) -> Result<DatasetHash, DemoError> {
 /// Funds the daemon's node from the faucet and opens a private channel to each
 /// contributor's node through `Operator.OpenLightningChannel`.
 async fn fund_and_open(world: &World, steps: &Steps) -> Result<(), DemoError> {
-    let op = world.operator()?;
     let funding = CHANNEL_SATS * world.members.len() as u64 + 1_000_000;
-    let address = op
-        .clone()
-        .new_onchain_address(pb::NewOnchainAddressRequest {})
-        .await
-        .during("Operator.NewOnchainAddress")?
-        .into_inner()
-        .address;
-    let address = address
-        .parse::<Address<NetworkUnchecked>>()
-        .during("the daemon's address")?
-        .require_network(BtcNetwork::Regtest)
-        .during("the daemon's address")?;
-    world.chain.faucet(&address, Amount::from_sat(funding)).during("faucet")?;
-    world.chain.mine_blocks(1).during("mining")?;
-    wait_for("funding the daemon's node", || async {
-        let _ = world.daemon_ln.sync_wallets().await;
-        let b = op
-            .clone()
-            .get_onchain_balance(pb::GetOnchainBalanceRequest {})
-            .await
-            .ok()?
-            .into_inner();
-        (b.spendable_sat >= funding).then_some(())
-    })
-    .await?;
+    let peers: Vec<devnet::Peer> = world
+        .members
+        .iter()
+        .map(|m| devnet::Peer { node: &m.ln, address: m.ln_addr.clone(), announce: false })
+        .collect();
+    devnet::fund_and_open(
+        &world.operator()?,
+        &world.chain,
+        Some(&world.daemon_ln),
+        funding,
+        CHANNEL_SATS,
+        &peers,
+    )
+    .await
+    .map_err(|e| DemoError::new("funding the daemon's node and opening channels", e))?;
     steps.say(format!("daemon's node funded with {funding} sat from the dev chain's faucet"));
-
-    for m in &world.members {
-        op.clone()
-            .open_lightning_channel(pb::OpenLightningChannelRequest {
-                node_id: m.ln.node_id().to_vec(),
-                address: m.ln_addr.clone(),
-                amount_sat: CHANNEL_SATS,
-                push_msat: 0,
-                announce: false,
-            })
-            .await
-            .during("Operator.OpenLightningChannel")?;
-        // One funding transaction at a time: each spends the previous one's change.
-        wait_for("the funding transaction", || async {
-            (world.chain.mempool_len() > 0).then_some(())
-        })
-        .await?;
-        world.chain.mine_blocks(1).during("mining")?;
-        let _ = world.daemon_ln.sync_wallets().await;
-    }
-    world.chain.mine_blocks(6).during("mining")?;
-    let n = world.members.len();
-    wait_for("the channels to become usable", || async {
-        for m in &world.members {
-            let _ = m.ln.sync_wallets().await;
-        }
-        let _ = world.daemon_ln.sync_wallets().await;
-        let list = op
-            .clone()
-            .list_lightning_channels(pb::ListLightningChannelsRequest {})
-            .await
-            .ok()?
-            .into_inner();
-        (list.channels.len() == n && list.channels.iter().all(|c| c.usable)).then_some(())
-    })
-    .await?;
-    steps.say(format!("{n} private channels of {CHANNEL_SATS} sat open and usable"));
+    steps.say(format!("{} private channels of {CHANNEL_SATS} sat open and usable", peers.len()));
     Ok(())
 }
 
@@ -929,7 +879,8 @@ async fn drive(
             .await?;
         let (received_msat, payments) =
             wait_for("a contributor's node to record its payments", || async {
-                let got = received(&m.ln);
+                let st = NodeStore::open(&store).ok()?.status().ok()?;
+                let got = (st.received_msat().0, st.payouts().count());
                 (got.0 == settled_msat).then_some(got)
             })
             .await?;
@@ -971,18 +922,6 @@ async fn drive(
         operator_token: world.operator_token.clone(),
         reconcile,
     })
-}
-
-/// What a contributor's Lightning node holds as received from keysend payments: (Σ msat,
-/// count), from its own payment store.
-fn received(ln: &LdkBackend) -> (u64, usize) {
-    use ldk_node::payment::{PaymentDirection, PaymentKind, PaymentStatus};
-    let payments = ln.node().list_payments_with_filter(|p| {
-        p.direction == PaymentDirection::Inbound
-            && p.status == PaymentStatus::Succeeded
-            && matches!(p.kind, PaymentKind::Spontaneous { .. } | PaymentKind::Bolt12Offer { .. })
-    });
-    (payments.iter().filter_map(|p| p.amount_msat).sum(), payments.len())
 }
 
 /// One settlement round: `Operator.SettleNow`, then wait until every channel's whole msat

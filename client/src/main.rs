@@ -7,13 +7,17 @@ use std::process::ExitCode;
 use tribute_channels::licence::{Use, Uses};
 use tribute_channels::{DatasetHash, Timestamp};
 use tribute_client::admin::AdminCommand;
+use tribute_client::config::PayoutMethod;
 use tribute_client::config::{CliConfig, GlobalArgs};
 use tribute_client::connect::Bearer;
 use tribute_client::contributor::{Contributor, LicenceStatus};
 use tribute_client::demo::DemoOptions;
 use tribute_client::keys::{prepare_private_dir, ContributorKey};
 use tribute_client::manifest::{Manifest, Progress};
-use tribute_client::node::{NodeConfig, NodeStatus, NodeStore, NODE_DB_FILE};
+use tribute_client::node::{
+    NodeConfig, NodeStatus, NodeStore, PaymentClaim, PayoutDestination, NODE_DB_FILE,
+};
+use tribute_client::payments;
 use tribute_client::report::ReportCommand;
 use tribute_client::time::{parse_time, unix_now};
 use tribute_client::{ClientError, Meter, Provider, RetryPolicy};
@@ -174,7 +178,7 @@ enum ContributorCommand {
     /// Run the receiving node: follow the channel, verify and keep every signed state,
     /// keep proofs of misbehaviour, reconnect with backoff. Stops on Ctrl-C / SIGTERM.
     #[command(
-        after_help = "Example:\n  RUST_LOG=info tribute contributor run\n\nLightning payouts are not received yet: that part comes with settlement."
+        after_help = "Example:\n  RUST_LOG=info tribute contributor run\n\nWith `[lightning] enabled = true` (and `network`) in the configuration, the node also runs\nits own Lightning node (ldk-node, data in HOME/ldk), registers it as the payout destination\n(`[payout] method = \"keysend\"` or `\"offer\"`), records every payout it receives and\nmatches it to the signed state that claims it (see `tribute contributor status`)."
     )]
     Run,
     /// What this node's own records say: accrued, settled, outstanding, settlements,
@@ -377,7 +381,13 @@ fn print_status(st: &NodeStatus) {
     println!("accrued_nsat:     {}", st.accrued_nsat().0);
     println!("settled_msat:     {}", st.settled_msat().0);
     println!("outstanding_nsat: {}", st.outstanding_nsat().0);
-    println!("received_msat:    - (no Lightning node yet)");
+    match &st.lightning_node_id {
+        Some(id) => {
+            println!("received_msat:    {}", st.received_msat().0);
+            println!("lightning_node:   {}", hex::encode(id));
+        }
+        None => println!("received_msat:    - (no Lightning node has run here)"),
+    }
     for c in &st.channels {
         match &c.latest {
             Some(s) => println!(
@@ -411,6 +421,58 @@ fn print_status(st: &NodeStatus) {
             "discrepancy:      succeeded notice {} ({} msat) not yet in a signed state",
             hex::encode(&n.payment_hash),
             n.amount_msat
+        );
+    }
+    for (p, claim) in st.payouts() {
+        let by = match claim {
+            PaymentClaim::State(seq) => format!("claimed by state seq {seq}"),
+            PaymentClaim::Notice => "named by a settlement notice".to_owned(),
+            PaymentClaim::Named => "names this channel; no state carries its hash".to_owned(),
+        };
+        println!(
+            "payment:          {} {} msat {} settlement {} {by}",
+            hex::encode(p.payment_hash),
+            p.amount_msat,
+            p.kind.as_str(),
+            p.settlement_id.map_or_else(|| "-".to_owned(), |id| id.to_string()),
+        );
+    }
+    for p in st.unmatched_payments() {
+        println!(
+            "payment:          {} {} msat {} not a payout of this channel",
+            hex::encode(p.payment_hash),
+            p.amount_msat,
+            p.kind.as_str()
+        );
+    }
+    for c in st.claimed_not_received() {
+        println!(
+            "discrepancy:      state seq {} claims settlement {} (+{} msat) that this node's Lightning node never received",
+            c.seq,
+            hex::encode(c.payment_hash),
+            c.settled_increase_msat
+        );
+    }
+    for (n, p) in st.notices_not_matched() {
+        match p {
+            None => println!(
+                "discrepancy:      settlement {} ({} msat) succeeded by the daemon's word, never received",
+                hex::encode(&n.payment_hash),
+                n.amount_msat
+            ),
+            Some(p) => println!(
+                "discrepancy:      settlement {} noticed as {} msat, received {} msat",
+                hex::encode(&n.payment_hash),
+                n.amount_msat,
+                p.amount_msat
+            ),
+        }
+    }
+    if st.lightning_node_id.is_some() && st.settled_msat() != st.received_msat() {
+        println!(
+            "discrepancy:      signed states say {} msat settled, this node received {} msat",
+            st.settled_msat().0,
+            st.received_msat().0
         );
     }
     if st.settled_msat() != st.noticed_succeeded_msat() {
@@ -488,10 +550,9 @@ async fn contributor(config: &CliConfig, cmd: ContributorCommand) -> Result<(), 
         ContributorCommand::Register { node_id, offer } => {
             let node_id = node_id
                 .map(|h| {
-                    let mut b = [0u8; 33];
-                    hex::decode_to_slice(h.trim(), &mut b)
-                        .map(|()| b)
-                        .map_err(|_| ClientError::Config("--node-id must be 66 hex digits".into()))
+                    tribute_daemon::config::parse_node_id(&h).ok_or_else(|| {
+                        ClientError::Config("--node-id must be a node id (66 hex digits)".into())
+                    })
                 })
                 .transpose()?;
             if node_id.is_none() && offer.is_none() {
@@ -541,9 +602,31 @@ async fn contributor(config: &CliConfig, cmd: ContributorCommand) -> Result<(), 
         }
         ContributorCommand::Run => {
             let key = ContributorKey::load(&config.key_path())?;
+            let store_path = config.home.join(NODE_DB_FILE);
+            let node_err = |e: tribute_client::node::NodeError| ClientError::Config(e.to_string());
+            // The Lightning node first: payouts are taken even while the daemon is away.
+            let lightning = match config.network()? {
+                Some(network) if config.lightning.enabled => {
+                    let dir = payments::lightning_dir(&config.home);
+                    let ln = payments::start_lightning(
+                        &store_path,
+                        config.lightning.backend_config(dir, network),
+                    )
+                    .await
+                    .map_err(node_err)?;
+                    let offer = config.payout.method == PayoutMethod::Offer;
+                    eprintln!(
+                        "lightning node {} listening on port {}",
+                        hex::encode(ln.node_id()),
+                        config.lightning.listen_port
+                    );
+                    Some((ln.clone(), PayoutDestination { node_id: ln.node_id(), offer }))
+                }
+                _ => None,
+            };
             let node = NodeConfig {
                 endpoint: config.endpoint()?,
-                store_path: config.home.join(NODE_DB_FILE),
+                store_path,
                 network: config.network()?,
                 provider_key: config.pinned_provider_key()?,
                 reconnect: RetryPolicy {
@@ -551,16 +634,33 @@ async fn contributor(config: &CliConfig, cmd: ContributorCommand) -> Result<(), 
                     initial_backoff: std::time::Duration::from_millis(200),
                     max_backoff: std::time::Duration::from_secs(30),
                 },
+                payout: lightning.as_ref().map(|(_, p)| p.clone()),
             };
             let (stop, stopped) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
                 shutdown_signal().await;
                 let _ = stop.send(true);
             });
+            if let Some((ln, PayoutDestination { offer: true, .. })) = &lightning {
+                // Made (and registered) once the node can: it needs its channel first.
+                tokio::spawn(payments::register_offer_when_ready(
+                    node.store_path.clone(),
+                    ln.clone(),
+                    node.endpoint.clone(),
+                    key.clone(),
+                    node.provider_key,
+                    std::time::Duration::from_secs(5),
+                    stopped.clone(),
+                ));
+            }
             eprintln!("contributor {} following {}", key.public(), config.daemon);
-            tribute_client::node::run(node, key, stopped)
-                .await
-                .map_err(|e| ClientError::Config(e.to_string()))?;
+            let result = tribute_client::node::run(node, key, stopped).await;
+            if let Some((ln, _)) = lightning {
+                if let Err(e) = ln.stop().await {
+                    tracing::warn!("stopping the lightning node: {e}");
+                }
+            }
+            result.map_err(node_err)?;
         }
         ContributorCommand::Status => {
             let path = config.home.join(NODE_DB_FILE);

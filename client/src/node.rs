@@ -11,9 +11,10 @@
 //! first sends its latest state, which the node expects and does not count as a replay.
 
 use crate::connect::{error_chain, Bearer, DaemonEndpoint};
-use crate::contributor::login;
+use crate::contributor::{login, Contributor};
 use crate::error::ClientError;
 use crate::keys::ContributorKey;
+use crate::payments::PaymentRecord;
 use crate::provider::RetryPolicy;
 use futures::StreamExt;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -75,6 +76,9 @@ pub enum NodeError {
     /// Talking to the daemon failed.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The node's Lightning node failed to start or to answer.
+    #[error("lightning node: {0}")]
+    Lightning(String),
 }
 
 impl NodeError {
@@ -172,6 +176,24 @@ pub struct NodeStatus {
     pub rejections: Vec<RejectionRecord>,
     /// Settlements claimed by accepted states.
     pub claimed: Vec<ClaimedSettlement>,
+    /// Every payment the node's Lightning node received.
+    pub payments: Vec<PaymentRecord>,
+    /// The Lightning node that records payments here, once one ran (without one, nothing
+    /// can be matched and no payment is expected to be recorded).
+    pub lightning_node_id: Option<[u8; 33]>,
+}
+
+/// What claims a received payment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaymentClaim {
+    /// The signed state with this `seq` carries its hash as `last_settlement_hash`.
+    State(u64),
+    /// Only a `succeeded` settlement notice names it (the state that carried its hash was
+    /// coalesced with a later one, or has not come yet).
+    Notice,
+    /// It names this node's channel or provider (TLVs or payer note) but no state or notice
+    /// carries its hash: a later state's `settled_msat` covers it, or it is not claimed yet.
+    Named,
 }
 
 impl NodeStatus {
@@ -231,6 +253,67 @@ impl NodeStatus {
     pub fn proofs(&self) -> impl Iterator<Item = &RejectionRecord> {
         self.rejections.iter().filter(|r| r.is_proof)
     }
+
+    /// What ties a received payment to this node's settlements, if anything does: a stored
+    /// state or a succeeded notice carrying its hash, or TLVs / a payer note naming one of
+    /// this node's channels or its provider.
+    pub fn claim_of(&self, p: &PaymentRecord) -> Option<PaymentClaim> {
+        if let Some(c) = self.claimed.iter().find(|c| c.payment_hash == p.payment_hash) {
+            return Some(PaymentClaim::State(c.seq));
+        }
+        if self
+            .settlements
+            .iter()
+            .any(|n| n.state == "succeeded" && n.payment_hash == p.payment_hash)
+        {
+            return Some(PaymentClaim::Notice);
+        }
+        let our_channel =
+            p.channel_id.is_some_and(|id| self.channels.iter().any(|c| c.channel_id == id));
+        let our_provider = p.note_names().is_some_and(|(_, key)| {
+            self.identity.as_ref().is_some_and(|(_, provider, _)| *provider == key)
+        });
+        (our_channel || our_provider).then_some(PaymentClaim::Named)
+    }
+
+    /// The received payments that are this node's payouts ([`claim_of`](Self::claim_of)).
+    pub fn payouts(&self) -> impl Iterator<Item = (&PaymentRecord, PaymentClaim)> {
+        self.payments.iter().filter_map(|p| Some((p, self.claim_of(p)?)))
+    }
+
+    /// `Σ amount_msat` of the payouts received over Lightning.
+    pub fn received_msat(&self) -> Msat {
+        Msat(self.payouts().map(|(p, _)| p.amount_msat).sum())
+    }
+
+    /// Received payments nothing ties to this node's settlements.
+    pub fn unmatched_payments(&self) -> impl Iterator<Item = &PaymentRecord> {
+        self.payments.iter().filter(|p| self.claim_of(p).is_none())
+    }
+
+    fn received(&self, hash: &[u8]) -> Option<&PaymentRecord> {
+        self.payments.iter().find(|p| p.payment_hash.as_slice() == hash)
+    }
+
+    /// Settlements a signed state claims whose payment this node's Lightning node never
+    /// received (empty without a Lightning node).
+    pub fn claimed_not_received(&self) -> impl Iterator<Item = &ClaimedSettlement> {
+        let has_node = self.lightning_node_id.is_some();
+        self.claimed.iter().filter(move |c| has_node && self.received(&c.payment_hash).is_none())
+    }
+
+    /// Succeeded notices whose payment never arrived, or arrived with another amount:
+    /// (notice, what arrived). Empty without a Lightning node.
+    pub fn notices_not_matched(
+        &self,
+    ) -> impl Iterator<Item = (&SettlementRecord, Option<&PaymentRecord>)> {
+        let has_node = self.lightning_node_id.is_some();
+        self.settlements
+            .iter()
+            .filter(move |n| has_node && n.state == "succeeded")
+            .map(|n| (n, self.received(&n.payment_hash)))
+            .filter(|(n, p)| p.is_none_or(|p| p.amount_msat != n.amount_msat))
+    }
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -279,6 +362,20 @@ CREATE TABLE states (
     PRIMARY KEY (channel_id, seq)
 );
 ",
+    "
+-- Every payment the node's Lightning node received (crate::payments), with what names its
+-- settlement: keysend TLVs or a BOLT12 payer note.
+CREATE TABLE payments (
+    payment_hash BLOB PRIMARY KEY,
+    amount_msat INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    settlement_id INTEGER,
+    channel_id BLOB,
+    state_seq INTEGER,
+    payer_note TEXT,
+    received_at INTEGER NOT NULL
+);
+",
 ];
 
 fn i64_of(v: u64, what: &str) -> Result<i64, String> {
@@ -311,12 +408,21 @@ impl NodeStore {
         Ok(NodeStore { conn, path: path.to_owned() })
     }
 
-    fn err(&self) -> impl Fn(rusqlite::Error) -> NodeError + '_ {
+    pub(crate) fn err(&self) -> impl Fn(rusqlite::Error) -> NodeError + '_ {
         |source| NodeError::Store { path: self.path.clone(), source }
     }
 
-    fn corrupt(&self, detail: impl Into<String>) -> NodeError {
+    pub(crate) fn corrupt(&self, detail: impl Into<String>) -> NodeError {
         NodeError::Corrupt { path: self.path.clone(), detail: detail.into() }
+    }
+
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Network, provider key and contributor key, once recorded.
@@ -669,7 +775,24 @@ impl NodeStore {
             settlements,
             rejections,
             claimed: self.claimed_settlements()?,
+            payments: self.payments()?,
+            lightning_node_id: self.lightning_node_id()?,
         })
+    }
+
+    /// The node id of the Lightning node that records payments here, once one ran.
+    pub fn lightning_node_id(&self) -> Result<Option<[u8; 33]>, NodeError> {
+        self.meta_text("lightning_node_id")?
+            .map(|h| {
+                tribute_daemon::config::parse_node_id(&h)
+                    .ok_or_else(|| self.corrupt("lightning node id is not a node id"))
+            })
+            .transpose()
+    }
+
+    /// Records which Lightning node receives this contributor's payouts.
+    pub fn set_lightning_node_id(&mut self, id: &[u8; 33]) -> Result<(), NodeError> {
+        self.set_meta_text("lightning_node_id", &hex::encode(id))
     }
 }
 
@@ -905,6 +1028,19 @@ pub struct NodeConfig {
     pub provider_key: Option<PublicKey>,
     /// Reconnect backoff (`max_attempts` is not used: the node keeps trying).
     pub reconnect: RetryPolicy,
+    /// Where this node's Lightning node takes payouts, registered with the daemon (signed)
+    /// at every login where the daemon has something else. `None`: no Lightning node here.
+    pub payout: Option<PayoutDestination>,
+}
+
+/// The contributor's payout destination as its own Lightning node offers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayoutDestination {
+    /// The node's id (keysend payouts).
+    pub node_id: [u8; 33],
+    /// Ask to be paid through the node's BOLT12 offer, once the records hold one
+    /// ([`crate::payments::node_offer`]); by keysend until then.
+    pub offer: bool,
 }
 
 /// Runs the node until `shutdown` turns true (or a non-transient error).
@@ -914,6 +1050,9 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), NodeError> {
     let mut store = NodeStore::open(&config.store_path)?;
+    if let Some(p) = &config.payout {
+        store.set_lightning_node_id(&p.node_id)?;
+    }
     let mut failures = 0u32;
     let mut follower: Option<Follower> = None;
     loop {
@@ -957,6 +1096,25 @@ async fn session(
         }
     }
     store.check_identity(challenge.network, challenge.audience, key.public())?;
+    if let Some(p) = &config.payout {
+        let c = Contributor::from_session(channel.clone(), key.clone(), token.clone(), &challenge);
+        // A refusal is loud but does not stop the node: following the channel matters more,
+        // and payouts still go to the destination the daemon has.
+        let offer = if p.offer { crate::payments::stored_offer(store)? } else { None };
+        match c.ensure_payout(p.node_id, offer.clone(), crate::time::unix_now()).await {
+            Ok(true) => tracing::info!(
+                node_id = %hex::encode(p.node_id),
+                offer = offer.is_some(),
+                "registered this node's Lightning node as the payout destination"
+            ),
+            Ok(false) => {}
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(e) => tracing::error!(
+                "could not register this node's Lightning node as the payout destination: {}",
+                error_chain(&e)
+            ),
+        }
+    }
     let mut client = ChannelsClient::with_interceptor(
         channel,
         Bearer::new(Some(&token)).map_err(NodeError::Client)?,

@@ -265,6 +265,14 @@ pub struct LightningConfig {
     pub node_alias: Option<String>,
     /// Addresses announced to the network, `host:port` (empty: the listening address).
     pub announcement_addresses: Vec<String>,
+    /// Node ids (66 hex digits) whose channels to us need no on-chain anchor reserve on our
+    /// side. A contributor's node lists the provider's node here, so it can take the
+    /// provider's channel with an empty wallet (DESIGN.md, "Lightning").
+    pub trusted_peers_no_reserve: Vec<String>,
+    /// Peers to keep connected, `node_id@host:port` (a contributor's node lists the
+    /// provider's node: its channel is inbound, so nothing else reconnects to it promptly
+    /// after a restart).
+    pub peers: Vec<String>,
 }
 
 impl Default for LightningConfig {
@@ -280,11 +288,88 @@ impl Default for LightningConfig {
             listen_port: 9735,
             node_alias: None,
             announcement_addresses: Vec::new(),
+            trusted_peers_no_reserve: Vec::new(),
+            peers: Vec::new(),
         }
     }
 }
 
 impl LightningConfig {
+    /// Checks the section on its own (`network`: the chain the node runs on).
+    pub fn validate(&self, network: Network) -> Result<(), ConfigError> {
+        let l = self;
+        match l.chain_source {
+            ChainSource::Devchain if network != Network::Regtest => {
+                return invalid("lightning.chain_source", "`devchain` works only on regtest");
+            }
+            ChainSource::BitcoindRpc => {
+                if l.bitcoind_rpc_host.is_empty() {
+                    return invalid("lightning.bitcoind_rpc_host", "is required for bitcoind_rpc");
+                }
+                if l.bitcoind_rpc_user.as_deref().unwrap_or_default().is_empty() {
+                    return invalid("lightning.bitcoind_rpc_user", "is required for bitcoind_rpc");
+                }
+                if l.bitcoind_rpc_password.as_ref().is_none_or(|p| p.0.is_empty()) {
+                    return invalid(
+                        "lightning.bitcoind_rpc_password",
+                        "is required for bitcoind_rpc",
+                    );
+                }
+            }
+            ChainSource::Esplora => {
+                let url = l.esplora_url.as_deref().unwrap_or_default();
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return invalid("lightning.esplora_url", "must be an http(s) URL for esplora");
+                }
+            }
+            ChainSource::Devchain => {}
+        }
+        if let Some(alias) = &l.node_alias {
+            if alias.is_empty() || alias.len() > 32 {
+                return invalid("lightning.node_alias", "must be 1 to 32 bytes");
+            }
+        }
+        for peer in &l.trusted_peers_no_reserve {
+            if parse_node_id(peer).is_none() {
+                return invalid(
+                    "lightning.trusted_peers_no_reserve",
+                    format!("{peer:?} is not a node id (66 hex digits)"),
+                );
+            }
+        }
+        for peer in &l.peers {
+            if parse_peer(peer).is_none() {
+                return invalid(
+                    "lightning.peers",
+                    format!("{peer:?} is not node_id@host:port (66 hex digits, an address)"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The embedded node's settings: its directory, the chain, listening on `listen_port`
+    /// (all interfaces), alias, announcement addresses and trusted peers (the section is
+    /// validated).
+    pub fn backend_config(
+        &self,
+        data_dir: PathBuf,
+        network: Network,
+    ) -> crate::lightning::LdkBackendConfig {
+        let mut ln = crate::lightning::LdkBackendConfig::new(
+            data_dir,
+            network.to_bitcoin(),
+            self.chain_source_config(),
+        );
+        ln.listening_addresses = vec![format!("0.0.0.0:{}", self.listen_port)];
+        ln.node_alias = self.node_alias.clone();
+        ln.announcement_addresses = self.announcement_addresses.clone();
+        ln.trusted_peers_no_reserve =
+            self.trusted_peers_no_reserve.iter().filter_map(|p| parse_node_id(p)).collect();
+        ln.peers = self.peers.iter().filter_map(|p| parse_peer(p)).collect();
+        ln
+    }
+
     /// Where the embedded node reads the chain (the config is validated).
     pub fn chain_source_config(&self) -> crate::lightning::ChainSourceConfig {
         use crate::lightning::ChainSourceConfig as C;
@@ -484,9 +569,6 @@ impl Config {
     /// [`crate::auth::check_listen_policy`] is part of it, so a config that would expose
     /// the API without TLS or without authentication never loads.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn invalid(field: &'static str, reason: impl Into<String>) -> Result<(), ConfigError> {
-            Err(ConfigError::Invalid { field, reason: reason.into() })
-        }
         if self.data_dir.as_os_str().is_empty() {
             return invalid("data_dir", "must not be empty");
         }
@@ -568,44 +650,35 @@ impl Config {
             return invalid("settlement.max_fee_ppm", "must be at most 1000000 (100%)");
         }
 
-        let l = &self.lightning;
-        match l.chain_source {
-            ChainSource::Devchain if self.network != Network::Regtest => {
-                return invalid("lightning.chain_source", "`devchain` works only on regtest");
-            }
-            ChainSource::BitcoindRpc => {
-                if l.bitcoind_rpc_host.is_empty() {
-                    return invalid("lightning.bitcoind_rpc_host", "is required for bitcoind_rpc");
-                }
-                if l.bitcoind_rpc_user.as_deref().unwrap_or_default().is_empty() {
-                    return invalid("lightning.bitcoind_rpc_user", "is required for bitcoind_rpc");
-                }
-                if l.bitcoind_rpc_password.as_ref().is_none_or(|p| p.0.is_empty()) {
-                    return invalid(
-                        "lightning.bitcoind_rpc_password",
-                        "is required for bitcoind_rpc",
-                    );
-                }
-            }
-            ChainSource::Esplora => {
-                let url = l.esplora_url.as_deref().unwrap_or_default();
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return invalid("lightning.esplora_url", "must be an http(s) URL for esplora");
-                }
-            }
-            ChainSource::Devchain => {}
-        }
-        if let Some(alias) = &l.node_alias {
-            if alias.is_empty() || alias.len() > 32 {
-                return invalid("lightning.node_alias", "must be 1 to 32 bytes");
-            }
-        }
+        self.lightning.validate(self.network)?;
 
         if self.log.filter.trim().is_empty() {
             return invalid("log.filter", "must not be empty (e.g. `info`)");
         }
         Ok(())
     }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid { field, reason: reason.into() })
+}
+
+/// A compressed public key as 66 hex digits (a Lightning node id).
+pub fn parse_node_id(s: &str) -> Option<[u8; 33]> {
+    let bytes = hex::decode(s.trim()).ok()?;
+    let id: [u8; 33] = bytes.try_into().ok()?;
+    ldk_node::bitcoin::secp256k1::PublicKey::from_slice(&id).ok()?;
+    Some(id)
+}
+
+/// `node_id@host:port` → (node id, `host:port`).
+pub fn parse_peer(s: &str) -> Option<([u8; 33], String)> {
+    let (id, addr) = s.trim().split_once('@')?;
+    let (host, port) = addr.rsplit_once(':')?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return None;
+    }
+    Some((parse_node_id(id)?, addr.to_owned()))
 }
 
 /// The name a network has in the configuration and on the wire (`WhoAmI`).

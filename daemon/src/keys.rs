@@ -102,7 +102,10 @@ fn load_or_create(path: &Path, valid: &dyn Fn(&[u8; 32]) -> bool) -> Result<[u8;
     }
 }
 
-fn read_key_file(
+/// Reads the 32 bytes of an open key file at `path`: refused if group or others may access
+/// it, if it is not a regular file, or if it is not one line of 64 hex digits that `valid`
+/// accepts. (Also the client's contributor key file.)
+pub fn read_key_file(
     path: &Path,
     file: File,
     valid: &dyn Fn(&[u8; 32]) -> bool,
@@ -132,7 +135,7 @@ fn read_key_file(
 /// remove the temp name, fsync the directory. A hard link rather than a rename because a
 /// link never replaces an existing file: losing a provider key that channels were signed
 /// with is worse than failing.
-fn create_key_file(path: &Path, bytes: &[u8; 32]) -> Result<(), KeyError> {
+pub fn create_key_file(path: &Path, bytes: &[u8; 32]) -> Result<(), KeyError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -168,9 +171,9 @@ fn create_key_file(path: &Path, bytes: &[u8; 32]) -> Result<(), KeyError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error(dir, e))
 }
 
-/// 32 bytes from the OS generator that `valid` accepts. For a secret key the chance of a
+/// 32 bytes from the OS generator that `valid` accepts (`|_| true`: any). For a secret key the chance of a
 /// retry is about 2^-128, so the bound is never reached unless the generator is broken.
-fn random_bytes(valid: &dyn Fn(&[u8; 32]) -> bool) -> Result<[u8; 32], KeyError> {
+pub fn random_bytes(valid: &dyn Fn(&[u8; 32]) -> bool) -> Result<[u8; 32], KeyError> {
     for _ in 0..8 {
         let mut bytes = [0u8; 32];
         getrandom::getrandom(&mut bytes).map_err(|e| KeyError::Random(e.to_string()))?;
@@ -181,11 +184,13 @@ fn random_bytes(valid: &dyn Fn(&[u8; 32]) -> bool) -> Result<[u8; 32], KeyError>
     Err(KeyError::Random("the generator keeps returning invalid keys".into()))
 }
 
-fn io_error(path: &Path, source: io::Error) -> KeyError {
+/// An I/O error on `path`.
+pub fn io_error(path: &Path, source: io::Error) -> KeyError {
     KeyError::Io { path: path.to_owned(), source }
 }
 
-fn malformed(path: &Path, reason: &'static str) -> KeyError {
+/// `path` is not what it should be.
+pub fn malformed(path: &Path, reason: &'static str) -> KeyError {
     KeyError::Malformed { path: path.to_owned(), reason }
 }
 

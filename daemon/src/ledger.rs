@@ -38,7 +38,7 @@ use crate::metrics::Metrics;
 use crate::registry::{fresh_aux, Registry, Snapshot};
 use crate::store::{self, StoreError};
 use ldk_node::bitcoin::secp256k1::Keypair;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
@@ -753,10 +753,14 @@ impl Writer {
         let persisted: HashSet<PublicKey> = self.signed_pending.iter().map(|(k, _)| *k).collect();
         let watermark = self.watermark_after_writing(&persisted);
         let channels = &self.channels;
-        let written = self.conn.transaction().map_err(StoreError::from).and_then(|tx| {
-            persist_states(&tx, &self.signed_pending, |k| channels.get(k), applied, watermark)?;
-            tx.commit().map_err(StoreError::from)
-        });
+        let written = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(StoreError::from)
+            .and_then(|tx| {
+                persist_states(&tx, &self.signed_pending, |k| channels.get(k), applied, watermark)?;
+                tx.commit().map_err(StoreError::from)
+            });
         match written {
             Ok(()) => self.publish_states(),
             // Nothing was released; the states stay pending and go with the next write
@@ -822,7 +826,10 @@ impl Writer {
         let watermark = self.watermark_after_writing(&written);
         let applied = self.next_batch_seq - 1;
         let seq = signed.message.seq;
-        let tx = self.conn.transaction().map_err(ApiError::storage)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(ApiError::storage)?;
         let changed = tx
             .execute(
                 "UPDATE settlements SET status = 'succeeded', preimage = ?2, payment_hash = ?3,
@@ -1052,7 +1059,10 @@ impl Writer {
 
         let now = store::u64_to_column(unix_now(), "now")?;
         let batch_col = store::u64_to_column(batch_seq, "batch_seq")?;
-        let tx = self.conn.transaction().map_err(StoreError::from)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(StoreError::from)?;
         {
             let mut ins = tx
                 .prepare_cached(

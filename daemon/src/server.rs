@@ -15,7 +15,7 @@ use crate::grpc::{
 use crate::hub::Hub;
 use crate::keys;
 use crate::ledger::{Ledger, LedgerConfig, LedgerHandle};
-use crate::lightning::{DynLightningBackend, LdkBackend, LdkBackendConfig};
+use crate::lightning::{DynLightningBackend, LdkBackend};
 use crate::metrics::{self, Metrics};
 use crate::registry::Registry;
 use crate::settlement::{EngineOptions, SettlementControl, SettlementEngine};
@@ -229,14 +229,9 @@ pub async fn start_with(
     let mut own_node = None;
     let mut options = options;
     if options.lightning.is_none() && config.lightning.enabled {
-        let mut ln = LdkBackendConfig::new(
-            config.data_dir.join(files::LIGHTNING_DIR),
-            config.network.to_bitcoin(),
-            config.lightning.chain_source_config(),
-        );
-        ln.listening_addresses = vec![format!("0.0.0.0:{}", config.lightning.listen_port)];
-        ln.node_alias = config.lightning.node_alias.clone();
-        ln.announcement_addresses = config.lightning.announcement_addresses.clone();
+        let ln = config
+            .lightning
+            .backend_config(config.data_dir.join(files::LIGHTNING_DIR), config.network);
         let node = Arc::new(
             LdkBackend::start(ln)
                 .await

@@ -37,7 +37,7 @@ use crate::lightning::{
 use crate::registry::Registry;
 use crate::store::{self, StoreError};
 use ldk_node::bitcoin::hashes::{hmac, sha256, Hash, HashEngine};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -119,15 +119,31 @@ impl SettlementControl {
 
     /// Settles now and waits until a round that started after this call has ended.
     pub async fn settle_now_and_wait(&self) {
-        let rx = self.rounds.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let Some(mut rx) = rx else { return };
+        let Some(mut rx) = self.round_counter() else { return };
         let seen = *rx.borrow_and_update();
         self.settle_now();
         // A round in progress may end first: wait for the one after it.
-        while rx.changed().await.is_ok() {
-            if *rx.borrow() >= seen + 2 {
-                return;
-            }
+        wait_for_round(rx, seen + 2).await;
+    }
+
+    /// Waits until `n` rounds that started after this call have ended.
+    pub async fn wait_rounds(&self, n: u64) {
+        let Some(mut rx) = self.round_counter() else { return };
+        let seen = *rx.borrow_and_update();
+        wait_for_round(rx, seen + 1 + n).await;
+    }
+
+    /// Counts the rounds that ended, once the engine runs.
+    fn round_counter(&self) -> Option<watch::Receiver<u64>> {
+        self.rounds.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Waits until the round counter reaches `target` (or the engine is gone).
+async fn wait_for_round(mut rx: watch::Receiver<u64>, target: u64) {
+    while rx.changed().await.is_ok() {
+        if *rx.borrow() >= target {
+            return;
         }
     }
 }
@@ -520,8 +536,7 @@ impl SettlementEngine {
             if *stop.borrow() {
                 return;
             }
-            let force = self.control.force.swap(false, Ordering::SeqCst);
-            match self.round(recovered, force).await {
+            match self.round(recovered).await {
                 Ok(()) => recovered = true,
                 Err(Halt::Fault) => {
                     tracing::warn!("settlement engine stopped at its fault point");
@@ -542,14 +557,25 @@ impl SettlementEngine {
 
     /// One round: resolve every pending settlement; then, once start-up recovery is done
     /// and unless paused, start the settlements that are due and drive them.
-    async fn round(&self, recovered: bool, force: bool) -> Result<(), Halt> {
+    async fn round(&self, recovered: bool) -> Result<(), Halt> {
         let pending = self
             .db(|c| list_settlements(c, "WHERE status = 'pending' ORDER BY settlement_id", []))?;
         let waiting: HashSet<ChannelId> = pending.iter().map(|s| s.channel_id).collect();
         let mut batch = pending;
         // New settlements start only once every pending one found at start-up is resolved.
         if (recovered || batch.is_empty()) && !self.control.is_paused() {
-            batch.extend(self.start_due(&waiting, force)?);
+            // An operator's SettleNow is taken only by a round that starts settlements: not
+            // lost while recovery or a pause holds them back, nor to a failed start.
+            let force = self.control.force.swap(false, Ordering::SeqCst);
+            match self.start_due(&waiting, force) {
+                Ok(started) => batch.extend(started),
+                Err(e) => {
+                    if force {
+                        self.control.force.store(true, Ordering::SeqCst);
+                    }
+                    return Err(e);
+                }
+            }
         }
         if batch.is_empty() {
             return Ok(());
@@ -982,7 +1008,7 @@ fn intend(
     dest: &Destination,
     now: u64,
 ) -> Result<SettlementRow, StoreError> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let id: i64 =
         tx.query_row("SELECT COALESCE(MAX(settlement_id), 0) + 1 FROM settlements", [], |r| {
             r.get(0)

@@ -456,3 +456,30 @@ async fn threshold_and_interval_trigger_settlement_on_their_own() {
     check_paid_once(&d, &backend);
     check_conservation(&d).await;
 }
+
+/// An operator's SettleNow given while settlement is paused is kept, not dropped by the
+/// rounds that run paused: resuming settles everything owed with no further trigger (the
+/// interval and thresholds here are far off).
+#[tokio::test(flavor = "multi_thread")]
+async fn settle_now_while_paused_is_honoured_on_resume() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend = Arc::new(ScriptedBackend::new());
+    let d = TestDaemon::start_with_options(config(dir.path()), options(&backend, None)).await;
+    setup_model(&d, MODEL, &OWNERS, 700_000).await;
+    meter_some(&d, "p", 30).await;
+    d.running().flush().await;
+    let control = &d.running().settlement;
+    control.pause();
+    control.settle_now();
+    // Several paused rounds go by (tick 50 ms): none starts a settlement.
+    control.wait_rounds(3).await;
+    assert!(settlements(&d).is_empty());
+    control.resume();
+    wait_until(|| {
+        let rows = settlements(&d);
+        rows.len() == OWNERS.len() && rows.iter().all(|r| r.status == "succeeded")
+    })
+    .await;
+    check_paid_once(&d, &backend);
+    check_conservation(&d).await;
+}

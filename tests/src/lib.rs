@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 pub mod grpc_proxy;
+pub mod ln;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};
@@ -21,6 +22,16 @@ use tribute_daemon::server::{self, RunningDaemon};
 use tribute_proto::v1 as pb;
 
 pub type Authed = InterceptedService<Channel, Bearer>;
+
+/// Logs to the test's output when `RUST_LOG` is set (e.g. `RUST_LOG=info`).
+pub fn init_logging() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
 
 pub fn now() -> Timestamp {
     tribute_client::time::unix_now()
@@ -125,6 +136,13 @@ impl TestDaemon {
         pb::channels_client::ChannelsClient::with_interceptor(
             self.channel().await,
             Bearer::new(Some(token)).unwrap(),
+        )
+    }
+
+    pub async fn operator(&self) -> pb::operator_client::OperatorClient<Authed> {
+        pb::operator_client::OperatorClient::with_interceptor(
+            self.channel().await,
+            Bearer::new(Some(&self.operator_token)).unwrap(),
         )
     }
 

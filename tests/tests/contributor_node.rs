@@ -66,6 +66,7 @@ impl World {
                 initial_backoff: Duration::from_millis(20),
                 max_backoff: Duration::from_millis(200),
             },
+            payout: None,
         };
         let (stop, stopped) = watch::channel(false);
         (stop, tokio::spawn(node::run(config, key, stopped)))
@@ -275,6 +276,7 @@ async fn node_refuses_a_daemon_with_another_provider_key() {
         network: None,
         provider_key: None,
         reconnect: RetryPolicy::default(),
+        payout: None,
     };
     let (_stop, stopped) = watch::channel(false);
     let err = tokio::time::timeout(Duration::from_secs(10), node::run(config, key, stopped))
@@ -335,6 +337,7 @@ async fn states_tampered_on_the_wire_are_refused_kept_and_reported_while_the_nod
             initial_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(200),
         },
+        payout: None,
     };
     let (stop_tx, stopped) = watch::channel(false);
     let node_task = tokio::spawn(node::run(config, key, stopped));

@@ -132,6 +132,10 @@ pub struct LdkBackendConfig {
     /// Peers for whose channels we keep no on-chain anchor reserve (a receiving node lists
     /// the payer here; see DESIGN.md "Lightning").
     pub trusted_peers_no_reserve: Vec<[u8; 33]>,
+    /// Peers to keep connected, `(node id, host:port)`: connected at start and again
+    /// whenever the connection drops (a receiving node lists its payer, whose channel is
+    /// inbound and so has no address the node would otherwise reconnect to).
+    pub peers: Vec<([u8; 33], String)>,
     /// Capacity of the `next_event` queue.
     pub event_queue_capacity: usize,
 }
@@ -147,6 +151,7 @@ impl LdkBackendConfig {
             node_alias: None,
             chain_source,
             trusted_peers_no_reserve: Vec::new(),
+            peers: Vec::new(),
             event_queue_capacity: DEFAULT_EVENT_QUEUE_CAPACITY,
         }
     }
@@ -251,6 +256,7 @@ impl LdkBackend {
         }
         let network = config.network;
         let queue_capacity = config.event_queue_capacity;
+        let peers = config.peers.clone();
         let node =
             tokio::task::spawn_blocking(move || build_and_start(&config, runtime)).await.map_err(
                 |e| LightningError::Unavailable(format!("starting the node failed: {e}")),
@@ -263,6 +269,13 @@ impl LdkBackend {
             queue: EventQueue::new(queue_capacity),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
+        let peers = peers
+            .iter()
+            .map(|(id, addr)| Ok((parse_node_id(id)?, parse_socket_address(addr)?)))
+            .collect::<Result<Vec<_>, LightningError>>()?;
+        if !peers.is_empty() {
+            tokio::spawn(keep_connected(Arc::clone(&node), peers, stop_rx.clone()));
+        }
         let task =
             tokio::spawn(run_events(Arc::clone(&node), Arc::clone(&shared), handler, stop_rx));
         Ok(LdkBackend {
@@ -639,6 +652,40 @@ fn restrict_to_owner(_path: &Path) -> std::io::Result<()> {
 }
 
 /// The event task: take, translate, record, hand over, acknowledge — until stopped.
+/// How often [`keep_connected`] looks at its peers.
+const PEER_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Connects to each of `peers` that is not connected, every [`PEER_CHECK_INTERVAL`], until
+/// `stop` turns true.
+async fn keep_connected(
+    node: Arc<Node>,
+    peers: Vec<(PublicKey, SocketAddress)>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let connected: Vec<PublicKey> =
+            node.list_peers().into_iter().filter(|p| p.is_connected).map(|p| p.node_id).collect();
+        for (id, addr) in &peers {
+            if connected.contains(id) {
+                continue;
+            }
+            let (n, id, addr) = (Arc::clone(&node), *id, addr.clone());
+            match tokio::task::spawn_blocking(move || n.connect(id, addr, true)).await {
+                Ok(Ok(())) => tracing::info!(peer = %id, "connected to peer"),
+                Ok(Err(e)) => tracing::debug!(peer = %id, "connecting to peer failed: {e}"),
+                Err(e) => tracing::debug!(peer = %id, "connecting to peer did not complete: {e}"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PEER_CHECK_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 async fn run_events(
     node: Arc<Node>,
     shared: Arc<Shared>,
