@@ -210,8 +210,13 @@ impl ReputationBook {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(existing) = self.records.read().unwrap_or_else(|p| p.into_inner()).get(&id) {
             // The same record, even signed again (BIP340 signatures differ with their
-            // auxiliary randomness), is the same evaluation: the first bytes stay.
-            if existing.signed.message == signed.message {
+            // auxiliary randomness) or rerun later (only `evaluated_at` differs), is the
+            // same evaluation: the first bytes stay, so a rerun cannot refresh its decay.
+            let rerun = Evaluation {
+                evaluated_at: existing.signed.message.evaluated_at,
+                ..signed.message.clone()
+            };
+            if existing.signed.message == rerun {
                 return Ok(Submitted { record: existing.clone(), already_recorded: true });
             }
             return Err(ApiError::new(

@@ -194,6 +194,10 @@ async fn evaluations_are_checked_stored_once_and_aggregated() {
     assert_ne!(resigned, good_bytes);
     assert!(submit(&mut ev, resigned).await.expect("idempotent").already_recorded);
     assert_eq!(db_fingerprint(&d.db_path()), stored);
+    // Rerun later (only `evaluated_at` differs): the same evaluation; the first one stands.
+    let rerun = Evaluation { evaluated_at: Timestamp(EVALUATED_AT + 3_600), ..good.clone() };
+    assert!(submit(&mut ev, sign(rerun, E)).await.expect("idempotent").already_recorded);
+    assert_eq!(db_fingerprint(&d.db_path()), stored);
     // The same id with other content is refused.
     let other = sign(record("eval-1", E, "m", 1, vec![loo(dataset(A), 0.70)]), E);
     let err = submit(&mut ev, other).await.expect_err("conflict");
