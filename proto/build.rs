@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tribute/v1/receipts.proto",
         "tribute/v1/auth.proto",
         "tribute/v1/operator.proto",
+        "tribute/v1/reputation.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

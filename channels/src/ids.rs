@@ -131,6 +131,18 @@ text_id!(
     /// An inference request's id: the provider's idempotency key.
     RequestId
 );
+text_id!(
+    /// An evaluation record's id, chosen by the evaluator (unique; the idempotency key).
+    EvaluationId
+);
+text_id!(
+    /// A benchmark's name (its content is pinned by a SHA-256 beside it).
+    BenchmarkId
+);
+text_id!(
+    /// A metric's or a data-valuation method's name, e.g. `accuracy`, `knn-shapley`.
+    Label
+);
 
 fn validate_text_id(s: &str) -> Result<(), IdError> {
     if s.is_empty() {

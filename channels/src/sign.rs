@@ -135,6 +135,7 @@ pub const ALL_TAGS: &[&str] = &[
     crate::channel::ChannelState::TAG,
     crate::receipt::ReceiptBatchRoot::TAG,
     crate::auth::AuthChallenge::TAG,
+    crate::evaluation::Evaluation::TAG,
 ];
 
 #[cfg(test)]

@@ -119,10 +119,11 @@ pub enum TokenCommand {
         after_help = "Examples:\n  tribute admin tokens create --role provider --label inference-fleet\n  tribute admin tokens create --role accountant --expires-in-secs 2592000"
     )]
     Create {
-        /// provider, operator, accountant or contributor.
+        /// provider, operator, accountant, contributor or evaluator.
         #[arg(long)]
         role: String,
-        /// Contributor tokens: the contributor key (64 hex digits).
+        /// Contributor tokens: the contributor key; evaluator tokens: the evaluator key that
+        /// signs evaluation records (64 hex digits).
         #[arg(long, value_name = "HEX")]
         contributor: Option<String>,
         /// A note (at most 128 bytes).

@@ -220,6 +220,11 @@ impl Contributor {
         &self.token
     }
 
+    /// The connection to the daemon.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     fn registry(&self) -> Result<RegistryClient<Authed>, ClientError> {
         Ok(RegistryClient::with_interceptor(self.channel.clone(), Bearer::new(Some(&self.token))?))
     }

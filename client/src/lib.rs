@@ -21,6 +21,7 @@ pub mod node;
 pub mod payments;
 pub mod provider;
 pub mod report;
+pub mod reputation;
 pub mod time;
 
 pub use connect::DaemonEndpoint;

@@ -69,6 +69,10 @@ enum Command {
     /// resume, tokens, backups, the node and its funding (an operator token).
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// What an evaluator does: submit signed evaluation records of datasets (an evaluator
+    /// token bound to the evaluator key).
+    #[command(subcommand)]
+    Evaluator(tribute_client::reputation::EvaluatorCommand),
     /// What an accountant reads: a contributor's statement for a period, the journal of
     /// every balance change — from a database backup, as text, CSV or JSON.
     #[command(subcommand)]
@@ -161,6 +165,16 @@ enum ContributorCommand {
     },
     /// List this contributor's licences as the daemon has them.
     Licences,
+    /// This contributor's datasets' reputation, with the evaluations behind each score.
+    #[command(after_help = "Example:\n  tribute contributor reputation --as-of 2026-12-01 --json")]
+    Reputation {
+        /// Reference time for the decay (default now).
+        #[arg(long, default_value = "now")]
+        as_of: String,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the receiving node: follow the channel, verify and keep every signed state,
     /// keep proofs of misbehaviour, reconnect with backoff. Stops on Ctrl-C / SIGTERM.
     #[command(
@@ -660,6 +674,11 @@ async fn contributor(config: &CliConfig, cmd: ContributorCommand) -> Result<(), 
             let st = store.status().map_err(|e| ClientError::Config(e.to_string()))?;
             print_status(&st);
         }
+        ContributorCommand::Reputation { as_of, json } => {
+            let as_of = time_arg("as-of", &as_of, now)?;
+            let c = login(config).await?;
+            tribute_client::reputation::contributor_view(&c, as_of.0, json).await?;
+        }
         ContributorCommand::Licences => {
             let c = login(config).await?;
             let all = c.licences(None).await?;
@@ -883,6 +902,13 @@ async fn main() -> ExitCode {
             async {
                 let config = CliConfig::load(&cli.global)?;
                 tribute_client::admin::run(&config, a).await
+            }
+            .await
+        }
+        Command::Evaluator(e) => {
+            async {
+                let config = CliConfig::load(&cli.global)?;
+                tribute_client::reputation::run_evaluator(&config, e).await
             }
             .await
         }

@@ -45,6 +45,21 @@ pub enum ReportCommand {
         #[arg(long, value_enum, default_value_t = Format::Csv)]
         format: Format,
     },
+    /// Every dataset's and contributor's reputation, recomputed from the signed evaluation
+    /// records in the file (signatures checked again) at `--as-of`.
+    #[command(
+        after_help = "Example:\n  tribute report reputation ledger.sqlite --as-of 2026-12-01 --format json"
+    )]
+    Reputation {
+        /// The database file (a backup; read-only).
+        db: PathBuf,
+        /// Reference time for the decay: now, Unix seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ.
+        #[arg(long, default_value = "now")]
+        as_of: String,
+        /// Output format (text or JSON; CSV is not offered).
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
 }
 
 /// Output formats.
@@ -82,6 +97,23 @@ pub fn run(cmd: ReportCommand) -> Result<(), ClientError> {
                 Format::Csv => statement_csv(&st, std::io::stdout().lock()),
                 Format::Text => {
                     print!("{}", statement_text(&st));
+                    Ok(())
+                }
+            }
+        }
+        ReportCommand::Reputation { db, as_of, format } => {
+            let as_of = parse_time(&as_of, unix_now())
+                .map_err(|e| ClientError::Config(format!("--as-of: {e}")))?;
+            let (r, _) = tribute_daemon::reputation::report_of_file(
+                &db,
+                as_of,
+                &tribute_channels::reputation::Params::DEFAULT,
+            )
+            .map_err(failed)?;
+            match format {
+                Format::Json => print_json(&crate::reputation::report_json(&r)),
+                Format::Csv | Format::Text => {
+                    print!("{}", crate::reputation::report_text(&r));
                     Ok(())
                 }
             }

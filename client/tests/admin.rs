@@ -1,7 +1,9 @@
 //! `tribute admin …` and `tribute reconcile` against a real daemon on loopback (real SQLite,
 //! real gRPC; Lightning through the scripted backend, so payouts succeed at once): tokens
 //! issued, used and revoked over the API; settlement control and listing; channels with
-//! liquidity; node and funding; a streamed backup that reconciles; clear errors.
+//! liquidity; node and funding; a streamed backup that reconciles; clear errors. And the
+//! reputation commands: `tribute evaluator submit`, `tribute contributor reputation`,
+//! `tribute report reputation`.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -521,4 +523,121 @@ async fn statements_chain_across_periods_and_exports_agree() {
     assert!(!out.status.success() && stderr(&out).contains("period"), "{}", stderr(&out));
 
     d.shutdown().await.expect("shutdown");
+}
+
+/// Writes key `n` as a key file (one line of hex, mode 0600) at `path`.
+fn write_key(path: &Path, n: u8) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .expect("key file");
+    writeln!(f, "{}", hex::encode(keypair(n).secret_bytes())).expect("write");
+}
+
+/// `tribute evaluator submit`, `tribute contributor reputation` (through the daemon) and
+/// `tribute report reputation` (recomputed from a backup) agree.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_evaluator_submits_and_reputation_is_served_and_recomputed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = daemon(&dir.path().join("daemon")).await;
+    let url = format!("http://{}", d.grpc_addr);
+    let now = Timestamp(1_700_000_000);
+    let token = |role, key| d.tokens.create(role, key, "t", None, now).expect("token").secret;
+    let (root, provider) = (token(Role::Operator, None), token(Role::Provider, None));
+    ledger(&url, &root, &provider).await;
+    let evaluator = token(Role::Evaluator, Some(pubkey(9)));
+    let key = dir.path().join("evaluator.key");
+    write_key(&key, 9);
+    let body = dir.path().join("eval.json");
+    let ds = |n: u8| hex::encode([n; 32]);
+    std::fs::write(
+        &body,
+        format!(
+            r#"{{"evaluation_id": "e-cli", "model_id": "m", "attribution_version": 1,
+            "benchmark_id": "mmlu-mini", "benchmark_sha256": "{}", "metric": "accuracy",
+            "higher_is_better": true, "full_score": 0.83, "evaluated_at": 1780000000,
+            "datasets": [{{"dataset": "{}", "method": "knn-shapley", "value": -0.01,
+                           "samples": 1000, "ci_low": -0.02, "ci_high": 0.0}},
+                         {{"dataset": "{}", "method": "leave-one-out", "ablation_score": 0.80}}]}}"#,
+            hex::encode([5u8; 32]),
+            ds(2),
+            ds(1)
+        ),
+    )
+    .expect("json");
+    let (body_arg, key_arg) = (body.to_str().expect("utf8"), key.to_str().expect("utf8"));
+    let submit = |token: String| {
+        let url = url.clone();
+        async move { tribute(&url, &token, &["evaluator", "submit", body_arg, "--key", key_arg]).await }
+    };
+    assert!(
+        ok(&submit(evaluator.clone()).await).contains("recorded evaluation e-cli (2 measurements)")
+    );
+    assert!(ok(&submit(evaluator.clone()).await).contains("already recorded"));
+    // A token bound to another key may not submit this key's record.
+    let other = submit(token(Role::Evaluator, Some(pubkey(8)))).await;
+    assert!(!other.status.success());
+    assert!(stderr(&other).contains("EVALUATOR_NOT_AUTHORIZED"), "{}", stderr(&other));
+
+    // Contributor 1's own view, through the daemon.
+    let home = dir.path().join("home-1");
+    std::fs::create_dir(&home).expect("home");
+    std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .expect("mode");
+    write_key(&home.join("contributor.key"), 1);
+    let as_of = "1780086400";
+    let view = ok(&tribute(
+        &url,
+        "",
+        &[
+            "--home",
+            home.to_str().expect("utf8"),
+            "contributor",
+            "reputation",
+            "--as-of",
+            as_of,
+            "--json",
+        ],
+    )
+    .await);
+    let view: serde_json::Value = serde_json::from_str(&view).expect("json");
+    assert_eq!(view["datasets"].as_array().expect("datasets").len(), 1);
+    assert_eq!(view["datasets"][0]["dataset"], ds(1));
+    assert_eq!(view["datasets"][0]["contributions"][0]["evaluation_id"], "e-cli");
+    let served = view["datasets"][0]["reputation"]["score_ppb"].as_i64().expect("score");
+    assert_eq!(served, 30_000_000 * 1_000_000_000 / 830_000_000, "(0.83 - 0.80) / 0.83");
+
+    // Recomputed from a backup: the same numbers.
+    let file = dir.path().join("backup.sqlite");
+    ok(&tribute(&url, &root, &["admin", "backup", file.to_str().expect("utf8")]).await);
+    let report = ok(&tribute(
+        &url,
+        &root,
+        &[
+            "report",
+            "reputation",
+            file.to_str().expect("utf8"),
+            "--as-of",
+            as_of,
+            "--format",
+            "json",
+        ],
+    )
+    .await);
+    let report: serde_json::Value = serde_json::from_str(&report).expect("json");
+    let of = |d: &str| {
+        report["datasets"]
+            .as_array()
+            .expect("datasets")
+            .iter()
+            .find(|v| v["dataset"] == d)
+            .map(|v| v["score_ppb"].as_i64().expect("score"))
+    };
+    assert_eq!(of(&ds(1)), Some(served));
+    assert!(of(&ds(2)).expect("measured") < 0, "dataset 2 hurts the model");
+    d.shutdown().await.expect("clean shutdown");
 }

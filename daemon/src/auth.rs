@@ -63,12 +63,15 @@ pub enum Role {
     Operator,
     /// Reconciles: read-only reports.
     Accountant,
+    /// Submits signed evaluation records (its token is bound to the evaluator key that
+    /// signs them; the provider may hold one for its own key).
+    Evaluator,
 }
 
 impl Role {
     /// Every role.
-    pub const ALL: [Role; 4] =
-        [Role::Provider, Role::Contributor, Role::Operator, Role::Accountant];
+    pub const ALL: [Role; 5] =
+        [Role::Provider, Role::Contributor, Role::Operator, Role::Accountant, Role::Evaluator];
 
     /// The role's name, as stored and as shown: `provider`, `contributor`, `operator`,
     /// `accountant`.
@@ -78,6 +81,7 @@ impl Role {
             Role::Contributor => "contributor",
             Role::Operator => "operator",
             Role::Accountant => "accountant",
+            Role::Evaluator => "evaluator",
         }
     }
 }
@@ -90,7 +94,7 @@ impl std::fmt::Display for Role {
 
 /// A role name that is not one of [`Role::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown role `{0}`: expected provider, contributor, operator or accountant")]
+#[error("unknown role `{0}`: expected provider, contributor, operator, accountant or evaluator")]
 pub struct UnknownRole(pub String);
 
 impl std::str::FromStr for Role {
@@ -105,7 +109,8 @@ impl std::str::FromStr for Role {
 pub struct Caller {
     /// The role the credentials grant.
     pub role: Role,
-    /// The contributor key a contributor credential is bound to (`None` for other roles).
+    /// The key a contributor or evaluator credential is bound to (`None` for other roles):
+    /// the contributor key, or the evaluator key that signs evaluation records.
     pub contributor_key: Option<PublicKey>,
     /// The id of the token used (never the token itself), for logs and audit.
     pub token_id: Option<String>,
@@ -231,17 +236,17 @@ impl TokenStore {
         now: Timestamp,
     ) -> Result<NewToken, ApiError> {
         match (role, contributor_key.is_some()) {
-            (Role::Contributor, false) => {
+            (Role::Contributor | Role::Evaluator, false) => {
                 return Err(ApiError::malformed(
                     "contributor_key",
-                    "a contributor token must be bound to a contributor key",
+                    format!("a {role} token must be bound to a key"),
                 ))
             }
-            (Role::Contributor, true) => {}
+            (Role::Contributor | Role::Evaluator, true) => {}
             (_, true) => {
                 return Err(ApiError::malformed(
                     "contributor_key",
-                    "only contributor tokens are bound to a contributor key",
+                    "only contributor and evaluator tokens are bound to a key",
                 ))
             }
             (_, false) => {}
@@ -398,8 +403,8 @@ fn token_info(row: &rusqlite::Row<'_>) -> Result<TokenInfo, StoreError> {
                 .ok_or_else(|| corrupt("contributor key"))
         })
         .transpose()?;
-    if (role == Role::Contributor) != contributor_key.is_some() {
-        return Err(corrupt("a contributor key must be set for contributors and only for them"));
+    if matches!(role, Role::Contributor | Role::Evaluator) != contributor_key.is_some() {
+        return Err(corrupt("a key must be set for contributors and evaluators, and only them"));
     }
     let ts = |v: Option<i64>, what| {
         v.map(|v| store::u64_from_column(v, what).map(Timestamp)).transpose()
@@ -787,7 +792,7 @@ pub fn channel_subject(
 /// receipt is further limited by [`require_own_channel`]; signed registrations are
 /// additionally checked against their signer by the registry.
 pub mod policy {
-    use super::Role::{self, Accountant, Contributor, Operator, Provider};
+    use super::Role::{self, Accountant, Contributor, Evaluator, Operator, Provider};
 
     /// `Metering.Meter`, `Metering.MeterStream`.
     pub const METER: &[Role] = &[Provider];
@@ -797,7 +802,11 @@ pub mod policy {
     /// contributor key, which the registry checks).
     pub const REGISTER_CONTRIBUTION: &[Role] = &[Contributor, Operator];
     /// `Registry.Get*` / `List*`: models, licences, attribution are public to every role.
-    pub const READ_REGISTRY: &[Role] = &[Provider, Contributor, Operator, Accountant];
+    pub const READ_REGISTRY: &[Role] = &[Provider, Contributor, Operator, Accountant, Evaluator];
+    /// `Reputation.SubmitEvaluation` (the record's signer must be the token's key).
+    pub const SUBMIT_EVALUATION: &[Role] = &[Evaluator];
+    /// `Reputation.GetReputation` / `ListReputation`: public, like the registry.
+    pub const READ_REPUTATION: &[Role] = &[Provider, Contributor, Operator, Accountant, Evaluator];
     /// `Channels.SubscribeChannel`, `Channels.GetChannel` (contributors: own channel only).
     pub const READ_CHANNEL: &[Role] = &[Contributor, Operator, Accountant];
     /// `Channels.ListChannels`.
@@ -1325,25 +1334,30 @@ mod tests {
     #[test]
     fn role_policy_matrix() {
         use Role::*;
-        // Columns: Provider, Contributor, Operator, Accountant.
-        let matrix: &[(&str, &[Role], [bool; 4])] = &[
-            ("METER", policy::METER, [true, false, false, false]),
-            ("REGISTER_MODEL", policy::REGISTER_MODEL, [true, false, true, false]),
-            ("REGISTER_CONTRIBUTION", policy::REGISTER_CONTRIBUTION, [false, true, true, false]),
-            ("READ_REGISTRY", policy::READ_REGISTRY, [true, true, true, true]),
-            ("READ_CHANNEL", policy::READ_CHANNEL, [false, true, true, true]),
-            ("LIST_CHANNELS", policy::LIST_CHANNELS, [false, false, true, true]),
-            ("READ_RECEIPT", policy::READ_RECEIPT, [true, true, true, true]),
-            ("REPORTS", policy::REPORTS, [false, false, true, true]),
-            ("ADMIN", policy::ADMIN, [false, false, true, false]),
-            ("ANY", policy::ANY, [true, true, true, true]),
+        // Columns: Provider, Contributor, Operator, Accountant, Evaluator.
+        let matrix: &[(&str, &[Role], [bool; 5])] = &[
+            ("METER", policy::METER, [true, false, false, false, false]),
+            ("REGISTER_MODEL", policy::REGISTER_MODEL, [true, false, true, false, false]),
+            (
+                "REGISTER_CONTRIBUTION",
+                policy::REGISTER_CONTRIBUTION,
+                [false, true, true, false, false],
+            ),
+            ("READ_REGISTRY", policy::READ_REGISTRY, [true, true, true, true, true]),
+            ("READ_CHANNEL", policy::READ_CHANNEL, [false, true, true, true, false]),
+            ("LIST_CHANNELS", policy::LIST_CHANNELS, [false, false, true, true, false]),
+            ("READ_RECEIPT", policy::READ_RECEIPT, [true, true, true, true, false]),
+            ("REPORTS", policy::REPORTS, [false, false, true, true, false]),
+            ("ADMIN", policy::ADMIN, [false, false, true, false, false]),
+            ("SUBMIT_EVALUATION", policy::SUBMIT_EVALUATION, [false, false, false, false, true]),
+            ("READ_REPUTATION", policy::READ_REPUTATION, [true, true, true, true, true]),
+            ("ANY", policy::ANY, [true, true, true, true, true]),
         ];
         for (name, allowed, expected) in matrix {
-            for (role, want) in [Provider, Contributor, Operator, Accountant].iter().zip(*expected)
-            {
+            for (role, want) in Role::ALL.iter().zip(*expected) {
                 let caller = Caller {
                     role: *role,
-                    contributor_key: (*role == Contributor).then(|| key(3)),
+                    contributor_key: matches!(*role, Contributor | Evaluator).then(|| key(3)),
                     token_id: None,
                     auth_disabled: false,
                 };

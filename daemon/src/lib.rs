@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod reconcile;
 pub mod registry;
 pub mod report;
+pub mod reputation;
 pub mod server;
 pub mod settlement;
 pub mod store;

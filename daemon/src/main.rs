@@ -138,10 +138,10 @@ fn run_reconcile(config: &ConfigArgs, args: &ReconcileArgs) -> ExitCode {
 enum TokenCommand {
     /// Create a token and print it (it is stored only as a hash: save it now).
     Create {
-        /// provider, contributor, operator or accountant.
+        /// provider, contributor, operator, accountant or evaluator.
         #[arg(long)]
         role: Role,
-        /// The contributor key (hex) a contributor token is bound to.
+        /// The key (hex) a contributor or evaluator token is bound to.
         #[arg(long)]
         contributor: Option<String>,
         /// A label for the token list.

@@ -21,6 +21,7 @@ use tribute_channels::codec::Encode;
 use tribute_channels::licence::{Licence, Revocation, Use};
 use tribute_channels::pricing::{Tariff, PPM};
 use tribute_channels::registration::ContributorRegistration;
+use tribute_channels::reputation::QualityPolicy;
 use tribute_channels::split::Weights;
 use tribute_channels::training::{LicenceRecord, TrainingRun};
 use tribute_channels::{DatasetHash, ModelId, Network, Nsat, PublicKey, Signed, Timestamp};
@@ -52,6 +53,26 @@ pub struct Version {
     pub vector: AttributionVector,
     /// Per-contributor weights derived from it.
     pub weights: Arc<Weights>,
+    /// Set when the version was made by a quality policy (not by a training run).
+    pub quality: Option<QualityVersion>,
+}
+
+/// How a quality-weighted version was made: a policy applied at `as_of` to the datasets of
+/// a run-derived version (`docs/REPUTATION.md`, "Quality-weighted payouts").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QualityVersion {
+    /// The run-derived version whose weights were adjusted.
+    pub base_version: u64,
+    /// The policy's name.
+    pub policy_id: String,
+    /// The policy's version (a new one makes a new attribution version).
+    pub policy_version: u32,
+    /// The policy's clamps and gain.
+    pub policy: QualityPolicy,
+    /// Reference time of the reputations used.
+    pub as_of: Timestamp,
+    /// The factor applied to each dataset, ppm, in the vector's dataset order.
+    pub factors_ppm: Vec<u32>,
 }
 
 /// A model with its tariff and all its attribution versions.
@@ -71,6 +92,12 @@ impl Model {
     /// The current attribution version, if any run was accepted.
     pub fn current(&self) -> Option<&Arc<Version>> {
         self.versions.last()
+    }
+
+    /// The newest version made by a training run (the base of the next run and of any
+    /// quality policy).
+    pub fn run_base(&self) -> Option<&Arc<Version>> {
+        self.versions.iter().rev().find(|v| v.quality.is_none())
     }
 }
 
@@ -430,12 +457,15 @@ impl Registry {
             .with("datasets", names.join(","))
         })?;
         let base = model
-            .current()
+            .run_base()
             .map(|v| v.vector.clone())
             .unwrap_or_else(|| AttributionVector::empty(run.model_id.clone()));
-        let vector = base.with_run(&run, |h| snap.owner(h)).map_err(|e| {
+        let mut vector = base.with_run(&run, |h| snap.owner(h)).map_err(|e| {
             ApiError::new(Code::InvalidArgument, ErrorReason::BadAttribution, e.to_string())
         })?;
+        // Runs build on the newest run-derived vector; the version number counts every
+        // version, quality-weighted ones included.
+        vector.version = model.versions.len() as u64 + 1;
         let weights = Arc::new(vector.contributor_weights().map_err(|e| {
             ApiError::new(Code::InvalidArgument, ErrorReason::BadAttribution, e.to_string())
         })?);
@@ -447,7 +477,7 @@ impl Registry {
         )
         .map_err(StoreError::from)?;
         let mut next_model = Model::clone(model);
-        next_model.versions.push(Arc::new(Version { vector, weights }));
+        next_model.versions.push(Arc::new(Version { vector, weights, quality: None }));
         let next_model = Arc::new(next_model);
         self.update(|s| {
             s.models.insert(next_model.model_id.clone(), next_model.clone());
@@ -542,33 +572,251 @@ pub fn load_snapshot(conn: &Connection, network: Network) -> Result<Snapshot, St
             Arc::new(Model { model_id, contributor_share_ppm: ppm, tariff, versions: vec![] }),
         );
     }
-    let mut stmt = conn.prepare("SELECT signed, attribution_version FROM training_runs ORDER BY model_id, attribution_version")?;
-    for row in stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))? {
-        let (bytes, version) = row?;
-        let run =
-            Signed::<TrainingRun>::decode(&bytes).map_err(|e| corrupt("training run", &e))?.message;
-        let model = snap
-            .models
-            .get(&run.model_id)
-            .ok_or_else(|| corrupt("training run", &"unknown model"))?;
-        let base = model
-            .current()
-            .map(|v| v.vector.clone())
-            .unwrap_or_else(|| AttributionVector::empty(run.model_id.clone()));
-        let vector =
-            base.with_run(&run, |h| snap.owner(h)).map_err(|e| corrupt("attribution", &e))?;
-        if i64::try_from(vector.version).ok() != Some(version) {
+    // Versions are made by training runs and by quality policies; replay both in version
+    // order per model.
+    enum Step {
+        Run(Vec<u8>),
+        Quality(QualityRow),
+    }
+    let mut steps: std::collections::BTreeMap<(String, i64), Step> = Default::default();
+    let mut stmt =
+        conn.prepare("SELECT model_id, attribution_version, signed FROM training_runs")?;
+    for row in stmt.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?))
+    })? {
+        let (model, version, bytes) = row?;
+        steps.insert((model, version), Step::Run(bytes));
+    }
+    for q in quality_rows(conn)? {
+        if steps.insert((q.model_id.clone(), q.attribution_version), Step::Quality(q)).is_some() {
+            return Err(corrupt("attribution", &"two records for one version"));
+        }
+    }
+    for ((model_id, version), step) in steps {
+        let model_id = ModelId::new(model_id).map_err(|e| corrupt("attribution", &e))?;
+        let model =
+            snap.models.get(&model_id).ok_or_else(|| corrupt("attribution", &"unknown model"))?;
+        if i64::try_from(model.versions.len() + 1).ok() != Some(version) {
             return Err(corrupt("attribution", &"version sequence broken"));
         }
-        let weights =
-            Arc::new(vector.contributor_weights().map_err(|e| corrupt("attribution", &e))?);
         let mut next = Model::clone(model);
-        next.versions.push(Arc::new(Version { vector, weights }));
-        snap.runs
-            .insert(run.run_id.as_str().to_owned(), (run.model_id.clone(), vector_version(&next)));
-        snap.models.insert(run.model_id.clone(), Arc::new(next));
+        match step {
+            Step::Run(bytes) => {
+                let run = Signed::<TrainingRun>::decode(&bytes)
+                    .map_err(|e| corrupt("training run", &e))?
+                    .message;
+                if run.model_id != model_id {
+                    return Err(corrupt("training run", &"model differs from its row"));
+                }
+                let base = model
+                    .run_base()
+                    .map(|v| v.vector.clone())
+                    .unwrap_or_else(|| AttributionVector::empty(run.model_id.clone()));
+                let mut vector = base
+                    .with_run(&run, |h| snap.owner(h))
+                    .map_err(|e| corrupt("attribution", &e))?;
+                vector.version = model.versions.len() as u64 + 1;
+                let weights =
+                    Arc::new(vector.contributor_weights().map_err(|e| corrupt("attribution", &e))?);
+                next.versions.push(Arc::new(Version { vector, weights, quality: None }));
+                snap.runs.insert(
+                    run.run_id.as_str().to_owned(),
+                    (run.model_id.clone(), vector_version(&next)),
+                );
+            }
+            Step::Quality(q) => {
+                let version =
+                    quality_version(model, &q).map_err(|e| corrupt("quality version", &e))?;
+                next.versions.push(Arc::new(version));
+            }
+        }
+        snap.models.insert(model_id, Arc::new(next));
     }
     Ok(snap)
+}
+
+/// A `quality_versions` row.
+#[derive(Debug, Clone)]
+struct QualityRow {
+    model_id: String,
+    attribution_version: i64,
+    info: QualityVersion,
+    /// `(dataset, adjusted weight)` in the base vector's order.
+    weights: Vec<(DatasetHash, u64)>,
+}
+
+/// Entries of the `datasets` column: dataset hash (32 bytes), factor ppm (u32 BE), adjusted
+/// weight (u64 BE), in the base vector's dataset order.
+const QUALITY_ENTRY_BYTES: usize = 32 + 4 + 8;
+
+fn quality_rows(conn: &Connection) -> Result<Vec<QualityRow>, StoreError> {
+    // A backup from before schema V4 has no such table: it has no quality versions.
+    let exists: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'quality_versions')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let corrupt = |e: &str| StoreError::Corrupt(format!("quality version: {e}"));
+    let mut stmt = conn.prepare(
+        "SELECT model_id, attribution_version, base_version, policy_id, policy_version, gain_ppm,
+                floor_ppm, cap_ppm, as_of, datasets FROM quality_versions",
+    )?;
+    let mut out = Vec::new();
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let blob: Vec<u8> = r.get(9)?;
+        if blob.len() % QUALITY_ENTRY_BYTES != 0 {
+            return Err(corrupt("datasets column length"));
+        }
+        let mut factors_ppm = Vec::new();
+        let mut weights = Vec::new();
+        for e in blob.chunks_exact(QUALITY_ENTRY_BYTES) {
+            let mut h = [0u8; 32];
+            h.copy_from_slice(&e[..32]);
+            let mut f = [0u8; 4];
+            f.copy_from_slice(&e[32..36]);
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&e[36..]);
+            factors_ppm.push(u32::from_be_bytes(f));
+            weights.push((DatasetHash(h), u64::from_be_bytes(w)));
+        }
+        out.push(QualityRow {
+            model_id: r.get(0)?,
+            attribution_version: r.get(1)?,
+            info: QualityVersion {
+                base_version: store::u64_from_column(r.get(2)?, "base_version")?,
+                policy_id: r.get(3)?,
+                policy_version: r.get(4)?,
+                policy: QualityPolicy {
+                    gain_ppm: r.get(5)?,
+                    floor_ppm: r.get(6)?,
+                    cap_ppm: r.get(7)?,
+                },
+                as_of: Timestamp(store::u64_from_column(r.get(8)?, "as_of")?),
+                factors_ppm,
+            },
+            weights,
+        });
+    }
+    Ok(out)
+}
+
+/// The version a quality row makes on top of `model`: the base version's datasets with
+/// the row's weights. Fails unless the base is a run-derived version of the model and the
+/// row names exactly its datasets.
+fn quality_version(model: &Model, q: &QualityRow) -> Result<Version, String> {
+    let base = usize::try_from(q.info.base_version)
+        .ok()
+        .and_then(|v| v.checked_sub(1))
+        .and_then(|i| model.versions.get(i))
+        .filter(|v| v.quality.is_none())
+        .ok_or("base version is not a run-derived version")?;
+    if base.vector.datasets.len() != q.weights.len()
+        || base.vector.datasets.iter().zip(&q.weights).any(|(d, (h, _))| d.dataset_hash != *h)
+    {
+        return Err("datasets differ from the base version's".into());
+    }
+    let mut vector = base.vector.clone();
+    vector.version = model.versions.len() as u64 + 1;
+    for (d, (_, w)) in vector.datasets.iter_mut().zip(&q.weights) {
+        d.weight = *w;
+    }
+    let weights = Arc::new(vector.contributor_weights().map_err(|e| e.to_string())?);
+    Ok(Version { vector, weights, quality: Some(q.info.clone()) })
+}
+
+impl Registry {
+    /// Records a quality-weighted version of `model_id`: the datasets of its newest
+    /// run-derived version with `adjusted` weights (`(dataset, factor ppm, weight)` in that
+    /// version's order). Applying the same policy version to the same base again is
+    /// idempotent (the existing version is returned); the same policy id and version with
+    /// other content is `CONFLICT`.
+    pub fn add_quality_version(
+        &self,
+        model_id: &ModelId,
+        info: QualityVersion,
+        weights: Vec<(DatasetHash, u64)>,
+        now: Timestamp,
+    ) -> Result<Arc<Version>, ApiError> {
+        let conn = lock(&self.conn);
+        let snap = self.snapshot();
+        let model = snap.models.get(model_id).ok_or_else(|| {
+            ApiError::new(Code::NotFound, ErrorReason::UnknownModel, "unknown model")
+                .with("model_id", model_id.as_str())
+        })?;
+        if let Some(prev) = model.versions.iter().find(|v| {
+            v.quality.as_ref().is_some_and(|p| {
+                p.policy_id == info.policy_id && p.policy_version == info.policy_version
+            })
+        }) {
+            let same_weights = prev
+                .vector
+                .datasets
+                .iter()
+                .map(|d| (d.dataset_hash, d.weight))
+                .eq(weights.iter().copied());
+            if prev.quality.as_ref() == Some(&info) && same_weights {
+                return Ok(prev.clone());
+            }
+            return Err(ApiError::new(
+                Code::AlreadyExists,
+                ErrorReason::Conflict,
+                "this policy id and version were applied with other content",
+            )
+            .with("policy_id", info.policy_id.as_str())
+            .with("policy_version", info.policy_version.to_string()));
+        }
+        let version = model.versions.len() as i64 + 1;
+        let row = QualityRow {
+            model_id: model_id.as_str().to_owned(),
+            attribution_version: version,
+            info: info.clone(),
+            weights,
+        };
+        let made = quality_version(model, &row).map_err(|e| {
+            ApiError::new(Code::FailedPrecondition, ErrorReason::BadAttribution, e)
+                .with("model_id", model_id.as_str())
+        })?;
+        if info.factors_ppm.len() != row.weights.len() {
+            return Err(ApiError::storage("one factor per dataset is required"));
+        }
+        let mut blob = Vec::with_capacity(row.weights.len() * QUALITY_ENTRY_BYTES);
+        for ((h, w), f) in row.weights.iter().zip(&info.factors_ppm) {
+            blob.extend_from_slice(&h.0);
+            blob.extend_from_slice(&f.to_be_bytes());
+            blob.extend_from_slice(&w.to_be_bytes());
+        }
+        conn.execute(
+            "INSERT INTO quality_versions (model_id, attribution_version, base_version, policy_id,
+                 policy_version, gain_ppm, floor_ppm, cap_ppm, as_of, datasets, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                model_id.as_str(),
+                version,
+                store::u64_to_column(info.base_version, "base_version")?,
+                info.policy_id,
+                info.policy_version,
+                info.policy.gain_ppm,
+                info.policy.floor_ppm,
+                info.policy.cap_ppm,
+                store::u64_to_column(info.as_of.0, "as_of")?,
+                blob,
+                store::u64_to_column(now.0, "created_at")?,
+            ],
+        )
+        .map_err(StoreError::from)?;
+        let made = Arc::new(made);
+        let mut next = Model::clone(model);
+        next.versions.push(made.clone());
+        let next = Arc::new(next);
+        self.update(|s| {
+            s.models.insert(next.model_id.clone(), next.clone());
+        });
+        Ok(made)
+    }
 }
 
 fn vector_version(m: &Model) -> u64 {

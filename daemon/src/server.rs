@@ -205,6 +205,10 @@ pub async fn start_with(
     let registry =
         Arc::new(Registry::load(store::connect(&db, durability)?, config.network, provider)?);
     let tokens = Arc::new(TokenStore::open(store::connect(&db, durability)?)?);
+    let reputation = Arc::new(crate::reputation::ReputationBook::load(
+        store::connect(&db, durability)?,
+        registry.clone(),
+    )?);
     let reader = Arc::new(Mutex::new(store::connect(&db, durability)?));
     let hub = Hub::new(config.meter.subscriber_buffer);
     let metrics = Metrics::new();
@@ -294,6 +298,13 @@ pub async fn start_with(
         .add_service(tonic::service::interceptor::InterceptedService::new(
             RegistryServer::new(RegistryService::new(registry.clone(), max))
                 .max_decoding_message_size(hard_max),
+            i.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            tribute_proto::v1::reputation_server::ReputationServer::new(
+                crate::grpc::ReputationService::new(reputation, max),
+            )
+            .max_decoding_message_size(hard_max),
             i.clone(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(

@@ -1,5 +1,6 @@
 //! The authorization matrix: every RPC × {no credentials, provider, contributor on its own
-//! channel, contributor on another's, accountant, operator, expired token, revoked token}
+//! channel, contributor on another's, accountant, operator, expired token, revoked token,
+//! evaluator}
 //! against the table committed in `docs/AUTHORIZATION.md`.
 //!
 //! A cell is `ok` when the call got past authentication and authorization (it may still
@@ -24,7 +25,7 @@ use tribute_daemon::server::StartOptions;
 use tribute_proto::v1 as pb;
 use tribute_proto::v1::operator_client::OperatorClient;
 
-const CALLERS: [&str; 8] = [
+const CALLERS: [&str; 9] = [
     "none",
     "provider",
     "contributor_own",
@@ -33,11 +34,14 @@ const CALLERS: [&str; 8] = [
     "operator",
     "expired",
     "revoked",
+    "evaluator",
 ];
 
 /// Contributor A (the caller in the contributor columns) and B (the other one).
 const A: u64 = 31;
 const B: u64 = 32;
+/// The evaluator's key.
+const E: u64 = 33;
 
 fn class(r: Result<(), tonic::Status>) -> &'static str {
     match r {
@@ -125,6 +129,7 @@ async fn every_rpc_and_caller_matches_the_committed_table() {
     d.running().tokens.revoke(&revoked.token_id, now).expect("revoke");
     let revoked = revoked.secret;
     let login_a = d.login(A).await;
+    let evaluator = d.token_for(Role::Evaluator, Some(pubkey(E))).await;
     while unix_now() <= now.0 + 1 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -137,6 +142,7 @@ async fn every_rpc_and_caller_matches_the_committed_table() {
             "operator" => Some(d.operator_token.clone()),
             "expired" => Some(expired.clone()),
             "revoked" => Some(revoked.clone()),
+            "evaluator" => Some(evaluator.clone()),
             _ => unreachable!("caller"),
         }
     };
@@ -226,6 +232,23 @@ async fn every_rpc_and_caller_matches_the_committed_table() {
         .map(drop));
     row!("Registry.GetAttribution", |c, _w| Rg::with_interceptor(c.0, c.1)
         .get_attribution(pb::GetAttributionRequest { model_id: "ab".into(), version: 0 })
+        .await
+        .map(drop));
+    use pb::reputation_client::ReputationClient as Rp;
+    row!("Reputation.SubmitEvaluation", |c, _w| Rp::with_interceptor(c.0, c.1)
+        .submit_evaluation(pb::SubmitEvaluationRequest::default())
+        .await
+        .map(drop));
+    row!("Reputation.GetReputation", |c, w| Rp::with_interceptor(c.0, c.1)
+        .get_reputation(pb::GetReputationRequest { dataset_hash: dataset(w).0.to_vec(), as_of: 0 })
+        .await
+        .map(drop));
+    row!("Reputation.ListReputation", |c, w| Rp::with_interceptor(c.0, c.1)
+        .list_reputation(pb::ListReputationRequest { contributor_key: key(w), as_of: 0 })
+        .await
+        .map(drop));
+    row!("Reputation.ApplyQualityPolicy", |c, _w| Rp::with_interceptor(c.0, c.1)
+        .apply_quality_policy(pb::ApplyQualityPolicyRequest::default())
         .await
         .map(drop));
     row!("Metering.Meter", |c, _w| Me::with_interceptor(c.0, c.1)

@@ -345,6 +345,11 @@ fn empty_request_outcomes() -> BTreeMap<&'static str, Want> {
         ("Operator.ListTokens", Want::Ok),
         ("Operator.RevokeToken", MALFORMED),
         ("Operator.Backup", Want::Ok),
+        // Authorization comes first: the operator is no evaluator.
+        ("Reputation.SubmitEvaluation", err(Code::PermissionDenied, R::WrongRole)),
+        ("Reputation.GetReputation", MALFORMED),
+        ("Reputation.ListReputation", Want::Ok),
+        ("Reputation.ApplyQualityPolicy", MALFORMED),
     ])
 }
 
@@ -1271,6 +1276,70 @@ async fn every_rpc_refuses_hostile_input_with_code_and_reason_and_changes_nothin
         err(Code::PermissionDenied, R::WrongRole),
     )
     .await;
+
+    // Reputation (issue 8): records, queries and the quality policy.
+    let rep_client = |token: String| {
+        let d = &d;
+        async move {
+            tribute_proto::v1::reputation_client::ReputationClient::with_interceptor(
+                d.channel().await,
+                Bearer(Some(token)),
+            )
+        }
+    };
+    let mut rep = rep_client(d.operator_token.clone()).await;
+    let mut evaluator = rep_client(d.token_for(Role::Evaluator, Some(pubkey(60))).await).await;
+    // The token is stored: what follows must change nothing from here on.
+    sw.fingerprint = db_fingerprint(&d.db_path());
+    for (what, bytes, want) in [
+        ("3 bytes that are no record", vec![1, 2, 3], MALFORMED),
+        ("a licence instead of a record", signed_licence(11, 1), MALFORMED),
+        ("70 KiB record", too_big.clone(), err(Code::OutOfRange, R::MessageTooLarge)),
+    ] {
+        let got = evaluator
+            .submit_evaluation(pb::SubmitEvaluationRequest { signed_evaluation: bytes })
+            .await;
+        sw.check("Reputation.SubmitEvaluation", what, got, want).await;
+    }
+    for (what, hash, as_of, want) in [
+        ("31-byte dataset hash", vec![7; 31], 0, MALFORMED),
+        ("33-byte dataset hash", vec![7; 33], 0, MALFORMED),
+        ("unknown dataset", vec![7; 32], 0, err(Code::NotFound, R::UnknownDataset)),
+    ] {
+        let got = rep.get_reputation(pb::GetReputationRequest { dataset_hash: hash, as_of }).await;
+        sw.check("Reputation.GetReputation", what, got, want).await;
+    }
+    for (what, k, as_of, want) in [
+        ("31-byte contributor key", vec![3; 31], 0, MALFORMED),
+        ("contributor key not on the curve", not_a_point.clone(), 0, MALFORMED),
+        // Far in the future: every measurement has decayed away; nothing breaks.
+        ("as_of u64::MAX", vec![], u64::MAX, Want::Ok),
+    ] {
+        let got =
+            rep.list_reputation(pb::ListReputationRequest { contributor_key: k, as_of }).await;
+        sw.check("Reputation.ListReputation", what, got, want).await;
+    }
+    let policy = |model: &str, floor: u32, cap: u32| pb::ApplyQualityPolicyRequest {
+        model_id: model.into(),
+        policy_id: "q".into(),
+        policy_version: 1,
+        gain_ppm: 1_000_000,
+        floor_ppm: floor,
+        cap_ppm: cap,
+        as_of: 0,
+    };
+    for (what, req, want) in [
+        ("65-byte model id", policy(&"m".repeat(65), 0, 2_000_000), MALFORMED),
+        ("unknown model", policy("nope", 0, 2_000_000), err(Code::NotFound, R::UnknownModel)),
+        (
+            "floor above cap",
+            policy(MODEL, 2_000_000, 1_000_000),
+            err(Code::InvalidArgument, R::InvalidQualityPolicy),
+        ),
+    ] {
+        let got = rep.apply_quality_policy(req).await;
+        sw.check("Reputation.ApplyQualityPolicy", what, got, want).await;
+    }
 
     // Every RPC has cases of its own beyond the framing ones, or is listed as taking no
     // fields; and every RPC got the framing cases.

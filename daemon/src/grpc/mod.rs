@@ -6,13 +6,15 @@ mod channels;
 pub(crate) mod metering;
 mod operator;
 mod receipts;
-mod registry;
+pub(crate) mod registry;
+mod reputation;
 
 pub use channels::ChannelsService;
 pub use metering::MeteringService;
 pub use operator::{remove_stale_backups, Database, OperatorService};
 pub use receipts::ReceiptsService;
 pub use registry::RegistryService;
+pub use reputation::ReputationService;
 
 use crate::error::ApiError;
 use tribute_channels::{DatasetHash, PublicKey};

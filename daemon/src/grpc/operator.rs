@@ -360,7 +360,7 @@ impl Operator for OperatorService {
         authorize(&req, policy::ADMIN)?;
         let r = req.into_inner();
         let role: Role = r.role.parse().map_err(|_| {
-            ApiError::malformed("role", "provider, operator, accountant or contributor")
+            ApiError::malformed("role", "provider, operator, accountant, contributor or evaluator")
         })?;
         let key = optional_key(&r.contributor_key, "contributor_key")?;
         let now = Timestamp(unix_now());

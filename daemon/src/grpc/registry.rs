@@ -72,6 +72,36 @@ fn model_pb(m: &Model) -> pb::Model {
     }
 }
 
+/// An attribution version on the wire (with its quality policy, if one made it).
+pub(crate) fn attribution_pb(v: &crate::registry::Version) -> pb::Attribution {
+    let factors = v.quality.as_ref().map(|q| q.factors_ppm.as_slice()).unwrap_or_default();
+    pb::Attribution {
+        model_id: v.vector.model_id.as_str().to_owned(),
+        version: v.vector.version,
+        entries: v
+            .vector
+            .datasets
+            .iter()
+            .enumerate()
+            .map(|(i, d)| pb::AttributionEntry {
+                dataset_hash: d.dataset_hash.0.to_vec(),
+                contributor_key: d.contributor_key.to_bytes().to_vec(),
+                weight: d.weight,
+                quality_factor_ppm: factors.get(i).copied().unwrap_or(0),
+            })
+            .collect(),
+        quality_policy: v.quality.as_ref().map(|q| pb::QualityPolicyInfo {
+            base_version: q.base_version,
+            policy_id: q.policy_id.clone(),
+            policy_version: q.policy_version,
+            gain_ppm: q.policy.gain_ppm,
+            floor_ppm: q.policy.floor_ppm,
+            cap_ppm: q.policy.cap_ppm,
+            as_of: q.as_of.0,
+        }),
+    }
+}
+
 fn model_id(s: &str) -> Result<ModelId, ApiError> {
     ModelId::new(s).map_err(|e| ApiError::malformed("model_id", e.to_string()))
 }
@@ -274,19 +304,6 @@ impl RegistryRpc for RegistryService {
             ApiError::malformed("version", "no such attribution version")
                 .with("model_id", id.as_str())
         })?;
-        Ok(Response::new(pb::Attribution {
-            model_id: id.as_str().to_owned(),
-            version: v.vector.version,
-            entries: v
-                .vector
-                .datasets
-                .iter()
-                .map(|d| pb::AttributionEntry {
-                    dataset_hash: d.dataset_hash.0.to_vec(),
-                    contributor_key: d.contributor_key.to_bytes().to_vec(),
-                    weight: d.weight,
-                })
-                .collect(),
-        }))
+        Ok(Response::new(attribution_pb(v)))
     }
 }

@@ -9,7 +9,7 @@ use rusqlite_migration::{Migrations, M};
 
 /// Every migration, in order.
 pub fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3)])
+    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3), M::up(V4)])
 }
 
 const V1: &str = r#"
@@ -146,6 +146,41 @@ CREATE TABLE misbehaviour_reports (
     received        BLOB NOT NULL,
     reported_at     INTEGER NOT NULL,
     UNIQUE (held, received)
+) STRICT;
+"#;
+
+/// Signed evaluation records (`Reputation.SubmitEvaluation`), kept verbatim: reputation is
+/// recomputed from `signed` alone (`tribute report reputation`). The other columns are
+/// copies of fields inside it, for lookups.
+const V4: &str = r#"
+CREATE TABLE evaluations (
+    evaluation_id       TEXT PRIMARY KEY,
+    evaluator_key       BLOB NOT NULL,
+    model_id            TEXT NOT NULL REFERENCES models(model_id),
+    attribution_version INTEGER NOT NULL,
+    evaluated_at        INTEGER NOT NULL,
+    received_at         INTEGER NOT NULL,
+    signed              BLOB NOT NULL
+) STRICT;
+
+-- Attribution versions made by a quality policy (not by a training run): the datasets of
+-- run-derived version `base_version` with adjusted weights. `datasets`: entries of dataset
+-- hash (32 bytes), factor ppm (u32 BE) and adjusted weight (u64 BE), in hash order. Version
+-- numbers are shared with training_runs: each version is in exactly one of the two tables.
+CREATE TABLE quality_versions (
+    model_id            TEXT NOT NULL REFERENCES models(model_id),
+    attribution_version INTEGER NOT NULL,
+    base_version        INTEGER NOT NULL,
+    policy_id           TEXT NOT NULL,
+    policy_version      INTEGER NOT NULL,
+    gain_ppm            INTEGER NOT NULL,
+    floor_ppm           INTEGER NOT NULL,
+    cap_ppm             INTEGER NOT NULL,
+    as_of               INTEGER NOT NULL,
+    datasets            BLOB NOT NULL,
+    created_at          INTEGER NOT NULL,
+    PRIMARY KEY (model_id, attribution_version),
+    UNIQUE (model_id, policy_id, policy_version)
 ) STRICT;
 "#;
 
