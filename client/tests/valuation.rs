@@ -183,7 +183,7 @@ fn lcg(state: &mut u64) -> u64 {
 
 fn random_instance(seed: u64, n: usize, m: usize, d: usize, k: usize) -> Instance {
     let mut s = seed;
-    let mut point = |s: &mut u64| (0..d).map(|_| (lcg(s) % 41) as f64 - 20.0).collect::<Vec<_>>();
+    let point = |s: &mut u64| (0..d).map(|_| (lcg(s) % 41) as f64 - 20.0).collect::<Vec<_>>();
     let train = (0..n).map(|_| point(&mut s)).collect();
     let test = (0..m).map(|_| point(&mut s)).collect();
     Instance {

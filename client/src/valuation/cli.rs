@@ -131,7 +131,7 @@ fn knn_shapley(a: KnnShapleyArgs) -> Result<(), ValuationError> {
     } else {
         ProgressBar::hidden()
     };
-    let evaluation = evaluate(&inputs, &params, &|done| bar.inc(done as u64));
+    let evaluation = evaluate(&inputs, &params, &|done: usize| bar.inc(done as u64));
     bar.finish_and_clear();
     finish(&a.out, &a.values_out, a.quiet, started, evaluation?)
 }

@@ -102,7 +102,7 @@ impl Embeddings {
 pub fn embeddings(file: &InputFile) -> Result<Embeddings, ValuationError> {
     if file.is_npy() {
         let npy = file.npy()?;
-        let [rows, cols] = npy.shape[..] else {
+        let &[rows, cols] = npy.shape.as_slice() else {
             return Err(file.error(format!(
                 "embeddings must be a 2-D array (points × dimensions); this one has shape {:?}",
                 npy.shape
@@ -151,7 +151,7 @@ pub fn embeddings(file: &InputFile) -> Result<Embeddings, ValuationError> {
 pub fn labels(file: &InputFile) -> Result<Vec<i64>, ValuationError> {
     if file.is_npy() {
         let npy = file.npy()?;
-        let one_column = matches!(npy.shape[..], [_] | [_, 1]);
+        let one_column = matches!(npy.shape.as_slice(), [_] | [_, 1]);
         if !one_column {
             return Err(file.error(format!(
                 "labels must be a 1-D array (or one column); this one has shape {:?}",

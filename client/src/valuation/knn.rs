@@ -20,9 +20,9 @@
 //! points, and by efficiency the values sum to `U(all) − U(∅) = U(all)`.
 //!
 //! Determinism: a run's result is bit-identical whatever the thread count or schedule.
-//! Each test point's `s_i` is computed in `f64` in a fixed order and rounded once to a
-//! fixed-point integer (2^-80); the sums over test points are exact `i128` additions, so
-//! their order does not matter. The per-test-point dataset sums behind the confidence
+//! The recursion runs in fixed point (2^-80, `i128`): its constants `1 / max(K, i)` and
+//! `min(K, N) / (K · N)` are each rounded once (so an `s_i` is off by at most `N · 2^-81`),
+//! and every sum over test points is an exact integer addition, in any order. The per-test-point dataset sums behind the confidence
 //! intervals are likewise summed exactly (their squares too, and the variance is taken in
 //! 256-bit integers).
 
@@ -147,9 +147,9 @@ pub fn squared_distance<T: Element>(a: &[T], b: &[T]) -> T {
     let cb = b.chunks_exact(8);
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            let d = x[l] - y[l];
-            acc[l] = acc[l] + d * d;
+        for ((acc, x), y) in acc.iter_mut().zip(x).zip(y) {
+            let d = *x - *y;
+            *acc = *acc + d * d;
         }
     }
     let mut tail = T::default();
@@ -298,6 +298,24 @@ pub struct KnnShapley {
     pub phases: PhaseTimes,
 }
 
+/// The recursion's constants in fixed point (2^-80), each rounded once:
+/// `by_rank[r] = 1 / max(K, r + 1)` and `last = min(K, N) / (K · N)`.
+struct Steps {
+    by_rank: Vec<i128>,
+    last: i128,
+}
+
+impl Steps {
+    fn new(k: usize, n: usize) -> Steps {
+        let one = 1u128 << FIXED_SHIFT;
+        let div = |num: u128, den: u128| ((num + den / 2) / den) as i128;
+        Steps {
+            by_rank: (1..=n).map(|i| div(one, k.max(i) as u128)).collect(),
+            last: div(k.min(n) as u128 * one, k as u128 * n as u128),
+        }
+    }
+}
+
 /// What one worker accumulates; merged by exact addition.
 struct Partial {
     value_fixed: Vec<i128>,
@@ -306,11 +324,6 @@ struct Partial {
     group_sum: Vec<i128>,
     correct: u64,
     phases: PhaseTimes,
-}
-
-fn to_fixed(s: f64) -> i128 {
-    // 2^80 is exact in f64, so this rounds s once.
-    (s * (1u128 << FIXED_SHIFT) as f64).round() as i128
 }
 
 /// Exact KNN-Shapley values of every training point, per-group sums with 95% intervals
@@ -365,11 +378,12 @@ pub fn knn_shapley<T: Element>(
     let threads = options.threads.clamp(1, m.div_ceil(TILE_TEST_POINTS));
     let tiles = m.div_ceil(TILE_TEST_POINTS);
     let next_tile = AtomicUsize::new(0);
+    let steps = Steps::new(k, n);
     let merged: Mutex<Option<Partial>> = Mutex::new(None);
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| {
-                let part = worker(&train, &test, k, &next_tile, tiles, progress);
+                let part = worker(&train, &test, k, &steps, &next_tile, tiles, progress);
                 // A poisoned lock means another worker panicked; the scope re-raises it.
                 if let Ok(mut slot) = merged.lock() {
                     *slot = Some(match slot.take() {
@@ -399,11 +413,11 @@ pub fn knn_shapley<T: Element>(
     let groups = (0..train.groups)
         .map(|g| {
             let value = group_fixed[g] as f64 / scale / m_f;
-            // m² (m−1) · var = m · Σ V² − (Σ V)², exact in 256 bits, never negative.
+            // m (m−1) · var = m · Σ V² − (Σ V)², exact in 256 bits, never negative.
             let s1 = I256::from(total.group_s1[g]);
             let s2 = I256::from(total.group_s2[g]);
             let num = (m_i * s2 - s1 * s1).max(I256::ZERO);
-            let var = num.as_f64() / (m_f * m_f * (m_f - 1.0));
+            let var = num.as_f64() / (m_f * (m_f - 1.0));
             let sd = var.sqrt() / moment_scale;
             let half = 1.96 * sd / m_f.sqrt();
             GroupScore { value, sd, ci_low: value - half, ci_high: value + half, samples: m as u64 }
@@ -437,6 +451,7 @@ fn worker<T: Element>(
     train: &TrainSet<'_, T>,
     test: &TestSet<'_, T>,
     k: usize,
+    steps: &Steps,
     next_tile: &AtomicUsize,
     tiles: usize,
     progress: &(dyn Fn(usize) + Sync),
@@ -456,8 +471,6 @@ fn worker<T: Element>(
     let mut order: Vec<u32> = Vec::with_capacity(n);
     let mut scratch = RankScratch::default();
     let mut group_now = vec![0i128; groups];
-    // min(K, N) / (K · N): s_N for a matching farthest point.
-    let last = k.min(n) as f64 / (k as f64 * n as f64);
     loop {
         let tile = next_tile.fetch_add(1, Ordering::Relaxed);
         if tile >= tiles {
@@ -485,21 +498,18 @@ fn worker<T: Element>(
             let hit = |r: usize| train.labels[order[r] as usize] == y;
             part.correct += (0..k.min(n)).filter(|&r| hit(r)).count() as u64;
             group_now.iter_mut().for_each(|g| *g = 0);
-            let mut s = if hit(n - 1) { last } else { 0.0 };
-            let mut add = |row: u32, s: f64| {
-                let f = to_fixed(s);
-                part.value_fixed[row as usize] += f;
-                group_now[train.group_of[row as usize] as usize] += f;
+            let mut add = |row: u32, s: i128| {
+                part.value_fixed[row as usize] += s;
+                group_now[train.group_of[row as usize] as usize] += s;
             };
-            add(order[n - 1], s);
             let mut next_hit = hit(n - 1);
+            let mut s = if next_hit { steps.last } else { 0 };
+            add(order[n - 1], s);
             for r in (0..n - 1).rev() {
-                // Rank i = r + 1 (1-based): (a_i − a_{i+1}) / K · min(K, i) / i
-                // = (a_i − a_{i+1}) / max(K, i).
+                // Rank i = r + 1 (1-based): s_i = s_{i+1} + (a_i − a_{i+1}) / max(K, i).
                 let this_hit = hit(r);
                 if this_hit != next_hit {
-                    let step = 1.0 / k.max(r + 1) as f64;
-                    s += if this_hit { step } else { -step };
+                    s += if this_hit { steps.by_rank[r] } else { -steps.by_rank[r] };
                 }
                 add(order[r], s);
                 next_hit = this_hit;

@@ -20,7 +20,8 @@ pub enum Dtype {
 
 impl Dtype {
     fn parse(descr: &str) -> Result<Dtype, String> {
-        let (order, kind) = descr.split_at(descr.len().min(1));
+        let (order, kind) =
+            if descr.is_char_boundary(1) { descr.split_at(1) } else { ("", descr) };
         let dtype = match kind {
             "f4" => Dtype::F32,
             "f8" => Dtype::F64,
@@ -153,7 +154,7 @@ impl<'a> Npy<'a> {
         for (i, c) in self.data.chunks_exact(size).enumerate() {
             let mut b = [0u8; 8];
             b[..size].copy_from_slice(c);
-            if signed && c[size - 1] & 0x80 != 0 {
+            if signed && (c[size - 1] & 0x80) != 0 {
                 b[size..].iter_mut().for_each(|x| *x = 0xff);
             }
             let v = u64::from_le_bytes(b);
