@@ -82,13 +82,15 @@ pub fn run(b: &KnnBench) -> Result<(), BenchError> {
     let generated = Instant::now();
     let (train, train_labels) = points(&mut rng, &centres, b.train);
     let (test, test_labels) = points(&mut rng, &centres, b.test);
-    let datasets: String = (0..b.train)
-        .map(|i| format!("{:064x}\n", i % b.datasets.max(1) + 1))
-        .collect();
+    let datasets: String =
+        (0..b.train).map(|i| format!("{:064x}\n", i % b.datasets.max(1) + 1)).collect();
     let inputs = Inputs {
         train_embeddings: InputFile::from_bytes(Path::new("train.npy"), train),
         train_labels: InputFile::from_bytes(Path::new("train_labels.npy"), train_labels),
-        train_datasets: InputFile::from_bytes(Path::new("train_datasets.txt"), datasets.into_bytes()),
+        train_datasets: InputFile::from_bytes(
+            Path::new("train_datasets.txt"),
+            datasets.into_bytes(),
+        ),
         test_embeddings: InputFile::from_bytes(Path::new("test.npy"), test),
         test_labels: InputFile::from_bytes(Path::new("test_labels.npy"), test_labels),
     };

@@ -42,8 +42,7 @@ fn utility(inst: &Instance, subset: u32) -> f64 {
             .map(|i| (sq_dist(&inst.train[i], t), i))
             .collect();
         members.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        let hits =
-            members.iter().take(inst.k).filter(|(_, i)| inst.train_labels[*i] == *y).count();
+        let hits = members.iter().take(inst.k).filter(|(_, i)| inst.train_labels[*i] == *y).count();
         total += hits as f64 / inst.k as f64;
     }
     total / inst.test.len() as f64
@@ -107,7 +106,12 @@ fn same_result(a: &KnnShapley, b: &KnnShapley) -> bool {
         && a.groups == b.groups
 }
 
-fn instance(max_train: usize, max_test: usize, dims: usize, max_k: usize) -> impl Strategy<Value = Instance> {
+fn instance(
+    max_train: usize,
+    max_test: usize,
+    dims: usize,
+    max_k: usize,
+) -> impl Strategy<Value = Instance> {
     (1..=max_train, 2..=max_test, 1..=dims, 1..=max_k).prop_flat_map(|(n, m, d, k)| {
         let point = || prop::collection::vec((-2i8..=2).prop_map(f64::from), d);
         (
@@ -250,7 +254,12 @@ fn inputs_that_do_not_fit_are_refused() {
     let test = matrix(&inst.test, |v| v);
     let one_test = matrix(&inst.test[..1], |v| v);
     let wide = matrix(&[vec![0.0; 3], vec![1.0; 3]], |v| v);
-    let ts = TrainSet { embeddings: &train, labels: &inst.train_labels, group_of: &inst.groups, groups: GROUPS };
+    let ts = TrainSet {
+        embeddings: &train,
+        labels: &inst.train_labels,
+        group_of: &inst.groups,
+        groups: GROUPS,
+    };
     let case = |train: TrainSet<'_, f64>, test: TestSet<'_, f64>, k: usize| {
         knn_shapley(train, test, KnnOptions { k, threads: 1 }, &|_| {})
             .expect_err("refused")
@@ -260,7 +269,8 @@ fn inputs_that_do_not_fit_are_refused() {
     assert!(case(ts, TestSet { embeddings: &test, labels: tl }, 0).contains("K must be at least 1"));
     assert!(case(ts, TestSet { embeddings: &one_test, labels: &tl[..1] }, 2).contains("at least 2"));
     assert!(case(ts, TestSet { embeddings: &wide, labels: &tl[..2] }, 2).contains("columns"));
-    assert!(case(ts, TestSet { embeddings: &test, labels: &tl[..2] }, 2).contains("2 test labels for 3"));
+    assert!(case(ts, TestSet { embeddings: &test, labels: &tl[..2] }, 2)
+        .contains("2 test labels for 3"));
     let short = TrainSet { labels: &inst.train_labels[..4], ..ts };
     assert!(case(short, TestSet { embeddings: &test, labels: tl }, 2).contains("4 training labels"));
     let bad_group = [0, 1, 2, 3, 0];
@@ -362,9 +372,19 @@ impl Files {
     }
 }
 
+/// The record as the CLI writes it.
+fn json(record: &EvaluationRecord) -> String {
+    serde_json::to_string_pretty(record).expect("json") + "\n"
+}
+
 /// Runs the CLI with `files` (+ `extra`), expects success, returns the record and the
 /// per-point CSV.
-fn cli_run(files: &Files, dir: &Path, name: &str, extra: &[&str]) -> (EvaluationRecord, String, Vec<u8>) {
+fn cli_run(
+    files: &Files,
+    dir: &Path,
+    name: &str,
+    extra: &[&str],
+) -> (EvaluationRecord, String, Vec<u8>) {
     let out = dir.join(format!("{name}.json"));
     let values = dir.join(format!("{name}.csv"));
     let mut args = files.args();
@@ -386,15 +406,24 @@ fn the_cli_writes_the_library_result_for_npy_and_csv_fixtures() {
     let csv = Files::csv();
     let (record, values, bytes) = cli_run(&npy, dir.path(), "npy", &[]);
     let lib = npy.library();
-    assert_eq!(record, lib.record);
+    // Byte for byte (serde_json's default float parser may be one ulp off, its printer is
+    // exact, so records are compared as the text written).
+    assert_eq!(String::from_utf8_lossy(&bytes), json(&lib.record));
     assert_eq!(values, lib.values_csv());
 
     // The record's shape and its invariants.
-    let json: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
-    let keys: Vec<&str> = json.as_object().expect("object").keys().map(String::as_str).collect();
+    let parsed: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+    let keys: Vec<&str> = parsed.as_object().expect("object").keys().map(String::as_str).collect();
     let mut want_keys = vec![
-        "evaluation_id", "model_id", "attribution_version", "benchmark_id", "benchmark_sha256",
-        "metric", "higher_is_better", "full_score", "datasets",
+        "evaluation_id",
+        "model_id",
+        "attribution_version",
+        "benchmark_id",
+        "benchmark_sha256",
+        "metric",
+        "higher_is_better",
+        "full_score",
+        "datasets",
     ];
     want_keys.sort();
     let mut keys_sorted = keys.clone();
@@ -421,8 +450,8 @@ fn the_cli_writes_the_library_result_for_npy_and_csv_fixtures() {
     assert_eq!(record.benchmark_sha256, hex::encode(sha256::Hash::from_engine(e).to_byte_array()));
 
     // The same points as CSV (f64) give the same values; only the file hashes differ.
-    let (from_csv, csv_values, _) = cli_run(&csv, dir.path(), "csv", &["--quiet"]);
-    assert_eq!(from_csv, csv.library().record);
+    let (from_csv, csv_values, csv_bytes) = cli_run(&csv, dir.path(), "csv", &["--quiet"]);
+    assert_eq!(String::from_utf8_lossy(&csv_bytes), json(&csv.library().record));
     assert_eq!(csv_values, values);
     assert_eq!(from_csv.datasets, record.datasets);
     assert_eq!(from_csv.full_score, record.full_score);
@@ -447,8 +476,7 @@ fn the_cli_prints_the_record_to_stdout_without_out() {
     let o = tribute(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(o.stderr.is_empty(), "--quiet: {}", stderr(&o));
-    let record: EvaluationRecord = serde_json::from_slice(&o.stdout).expect("record on stdout");
-    assert_eq!(record, Files::npy().library().record);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), json(&Files::npy().library().record));
 }
 
 /// Runs the CLI with one file replaced by `content`; expects failure naming that file and
@@ -490,7 +518,11 @@ fn bad_input_is_refused_naming_the_file_and_row() {
     let labels = std::fs::read_to_string(fixtures().join("train_labels.csv")).expect("read");
     let mut lines: Vec<&str> = labels.lines().collect();
     lines[2] = "two";
-    refused("train_labels.csv", lines.join("\n").as_bytes(), &["line 3", "\"two\" is not an integer label"]);
+    refused(
+        "train_labels.csv",
+        lines.join("\n").as_bytes(),
+        &["line 3", "\"two\" is not an integer label"],
+    );
     refused("train_labels.csv", b"1\n2\n", &["2 labels", "has 12 rows"]);
     refused("train_labels.csv", b"1,2\n", &["line 1", "2 columns"]);
 
@@ -510,7 +542,11 @@ fn bad_input_is_refused_naming_the_file_and_row() {
 
     let mut v = vec![0.0f32; 12 * 4];
     v[4 * 7 + 2] = f32::INFINITY;
-    refused("train.npy", &f32_npy(12, 4, &v), &["row 7 (0-based), column 2", "not a finite number"]);
+    refused(
+        "train.npy",
+        &f32_npy(12, 4, &v),
+        &["row 7 (0-based), column 2", "not a finite number"],
+    );
     let ints = tribute_client::valuation::npy::write(&[12, 4], "<i8", &[0u8; 12 * 4 * 8]);
     refused("train.npy", &ints, &["float32 or float64"]);
     refused("train.npy", &f32_npy(12, 4, &[0.0; 47]), &["needs 192 data bytes, the file has 188"]);

@@ -170,10 +170,9 @@ fn finish(
         Some(path) => write_atomically(path, json.as_bytes())?,
         None => {
             let mut stdout = std::io::stdout().lock();
-            stdout
-                .write_all(json.as_bytes())
-                .and_then(|()| stdout.flush())
-                .map_err(|e| ValuationError::Output { path: "stdout".into(), detail: e.to_string() })?;
+            stdout.write_all(json.as_bytes()).and_then(|()| stdout.flush()).map_err(|e| {
+                ValuationError::Output { path: "stdout".into(), detail: e.to_string() }
+            })?;
         }
     }
     if !quiet {
@@ -185,7 +184,10 @@ fn finish(
             r.test_points,
             r.k
         );
-        eprintln!("full_score U(all) = {}; Σ values = {sum} (= U(all) − U(∅), U(∅) = 0)", r.full_score);
+        eprintln!(
+            "full_score U(all) = {}; Σ values = {sum} (= U(all) − U(∅), U(∅) = 0)",
+            r.full_score
+        );
         eprintln!(
             "evaluation {} in {:.2} s (CPU: distances {:.2} s, ordering {:.2} s, recursion {:.2} s)",
             evaluation.record.evaluation_id,

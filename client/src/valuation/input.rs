@@ -55,10 +55,7 @@ impl InputFile {
 
     fn text(&self) -> Result<&str, ValuationError> {
         let text = std::str::from_utf8(&self.bytes).map_err(|e| {
-            self.error(format!(
-                "not a .npy file and not UTF-8 text (byte {})",
-                e.valid_up_to()
-            ))
+            self.error(format!("not a .npy file and not UTF-8 text (byte {})", e.valid_up_to()))
         })?;
         if text.trim().is_empty() {
             return Err(self.error("empty file"));
@@ -137,7 +134,10 @@ pub fn embeddings(file: &InputFile) -> Result<Embeddings, ValuationError> {
         for (c, f) in fields.iter().enumerate() {
             let v: f64 = f.parse().ok().filter(|v: &f64| v.is_finite()).ok_or_else(|| {
                 let hint = if rows == 0 { " (CSV files here have no header row)" } else { "" };
-                file.error(format!("line {line}, column {}: {f:?} is not a finite number{hint}", c + 1))
+                file.error(format!(
+                    "line {line}, column {}: {f:?} is not a finite number{hint}",
+                    c + 1
+                ))
             })?;
             data.push(v);
         }
@@ -222,8 +222,7 @@ fn for_each_csv_row(
             Ok(false) => return Ok(()),
             Ok(true) => f(record.position().map(|p| p.line()).unwrap_or(0), &record)?,
             Err(e) => {
-                let line =
-                    e.position().map(|p| format!("line {}: ", p.line())).unwrap_or_default();
+                let line = e.position().map(|p| format!("line {}: ", p.line())).unwrap_or_default();
                 return Err(file.error(format!("{line}{e}")));
             }
         }

@@ -57,7 +57,14 @@ fn invalid(msg: impl Into<String>) -> KnnError {
 
 /// A floating-point element of an embedding matrix (`f32` or `f64`).
 pub trait Element:
-    Copy + Default + Send + Sync + PartialOrd + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self>
+    Copy
+    + Default
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
 {
     /// Whether the value is neither NaN nor infinite.
     fn is_finite(self) -> bool;
@@ -84,7 +91,9 @@ impl Element for f32 {
     /// non-negative `f32` order like its value.
     fn rank(dist: &[f32], order: &mut Vec<u32>, s: &mut RankScratch) {
         s.keys.clear();
-        s.keys.extend(dist.iter().enumerate().map(|(row, d)| (u64::from(d.to_bits()) << 32) | row as u64));
+        s.keys.extend(
+            dist.iter().enumerate().map(|(row, d)| (u64::from(d.to_bits()) << 32) | row as u64),
+        );
         radix_sort_upper32(&mut s.keys, &mut s.tmp);
         order.clear();
         order.extend(s.keys.iter().map(|k| *k as u32));
@@ -363,10 +372,16 @@ pub fn knn_shapley<T: Element>(
         )));
     }
     if train.labels.len() != n {
-        return Err(invalid(format!("{} training labels for {n} training points", train.labels.len())));
+        return Err(invalid(format!(
+            "{} training labels for {n} training points",
+            train.labels.len()
+        )));
     }
     if train.group_of.len() != n {
-        return Err(invalid(format!("{} dataset rows for {n} training points", train.group_of.len())));
+        return Err(invalid(format!(
+            "{} dataset rows for {n} training points",
+            train.group_of.len()
+        )));
     }
     if let Some(row) = train.group_of.iter().position(|g| *g as usize >= train.groups) {
         return Err(invalid(format!("training row {row}: group out of range")));
@@ -394,11 +409,7 @@ pub fn knn_shapley<T: Element>(
             });
         }
     });
-    let total = merged
-        .into_inner()
-        .ok()
-        .flatten()
-        .ok_or_else(|| invalid("no worker finished"))?;
+    let total = merged.into_inner().ok().flatten().ok_or_else(|| invalid("no worker finished"))?;
 
     let m_f = m as f64;
     let scale = (1u128 << FIXED_SHIFT) as f64;
@@ -561,9 +572,7 @@ mod tests {
         let mut order = Vec::new();
         f32::rank(&dist, &mut order, &mut RankScratch::default());
         let mut want: Vec<u32> = (0..dist.len() as u32).collect();
-        want.sort_by(|a, b| {
-            dist[*a as usize].total_cmp(&dist[*b as usize]).then(a.cmp(b))
-        });
+        want.sort_by(|a, b| dist[*a as usize].total_cmp(&dist[*b as usize]).then(a.cmp(b)));
         assert_eq!(order, want);
     }
 

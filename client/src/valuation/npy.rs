@@ -20,8 +20,7 @@ pub enum Dtype {
 
 impl Dtype {
     fn parse(descr: &str) -> Result<Dtype, String> {
-        let (order, kind) =
-            if descr.is_char_boundary(1) { descr.split_at(1) } else { ("", descr) };
+        let (order, kind) = if descr.is_char_boundary(1) { descr.split_at(1) } else { ("", descr) };
         let dtype = match kind {
             "f4" => Dtype::F32,
             "f8" => Dtype::F64,
@@ -86,7 +85,7 @@ impl<'a> Npy<'a> {
         }
         let (major, minor) = (bytes[6], bytes[7]);
         let (header_len, start) = match major {
-            1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
+            1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10usize),
             2 | 3 => {
                 if bytes.len() < 12 {
                     return Err("truncated .npy header".into());
@@ -288,7 +287,8 @@ impl Parser<'_> {
 /// used by tests and the bench to make fixtures, with the header NumPy itself writes.
 pub fn write(shape: &[usize], descr: &str, data: &[u8]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let shape_text =
+        if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
     let mut header =
         format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}");
     // Pad with spaces so that magic + version + length + header + '\n' is a multiple of 64.
@@ -317,7 +317,9 @@ mod tests {
     #[test]
     fn reads_what_numpy_writes() {
         // np.save of np.arange(6, dtype='<f4').reshape(2, 3), byte for byte.
-        let mut file = b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }".to_vec();
+        let mut file =
+            b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }"
+                .to_vec();
         while file.len() < 127 {
             file.push(b' ');
         }

@@ -142,7 +142,13 @@ pub fn benchmark_sha256(test_embeddings: &InputFile, test_labels: &InputFile) ->
     sha256::Hash::from_engine(e).to_byte_array()
 }
 
-fn count_error(file: &InputFile, what: &str, got: usize, other: &InputFile, want: usize) -> ValuationError {
+fn count_error(
+    file: &InputFile,
+    what: &str,
+    got: usize,
+    other: &InputFile,
+    want: usize,
+) -> ValuationError {
     ValuationError::Input {
         path: file.path.display().to_string(),
         detail: format!("{got} {what}, but {} has {want} rows", other.path.display()),
@@ -168,7 +174,13 @@ pub fn evaluate(
     let test_labels = input::labels(&inputs.test_labels)?;
     let n = train.rows();
     if train_labels.len() != n {
-        return Err(count_error(&inputs.train_labels, "labels", train_labels.len(), &inputs.train_embeddings, n));
+        return Err(count_error(
+            &inputs.train_labels,
+            "labels",
+            train_labels.len(),
+            &inputs.train_embeddings,
+            n,
+        ));
     }
     if train_datasets.len() != n {
         return Err(count_error(
@@ -215,7 +227,12 @@ pub fn evaluate(
     let options = KnnOptions { k: params.k, threads: params.threads };
     let result = match (train, test) {
         (Embeddings::F32(train), Embeddings::F32(test)) => knn_shapley(
-            TrainSet { embeddings: &train, labels: &train_labels, group_of: &group_of, groups: datasets.len() },
+            TrainSet {
+                embeddings: &train,
+                labels: &train_labels,
+                group_of: &group_of,
+                groups: datasets.len(),
+            },
             TestSet { embeddings: &test, labels: &test_labels },
             options,
             progress,
@@ -223,7 +240,12 @@ pub fn evaluate(
         (train, test) => {
             let (train, test) = (train.into_f64(), test.into_f64());
             knn_shapley(
-                TrainSet { embeddings: &train, labels: &train_labels, group_of: &group_of, groups: datasets.len() },
+                TrainSet {
+                    embeddings: &train,
+                    labels: &train_labels,
+                    group_of: &group_of,
+                    groups: datasets.len(),
+                },
                 TestSet { embeddings: &test, labels: &test_labels },
                 options,
                 progress,
@@ -236,7 +258,10 @@ pub fn evaluate(
         model_id: params.model_id.clone(),
         attribution_version: params.attribution_version,
         benchmark_id: params.benchmark_id.clone(),
-        benchmark_sha256: hex::encode(benchmark_sha256(&inputs.test_embeddings, &inputs.test_labels)),
+        benchmark_sha256: hex::encode(benchmark_sha256(
+            &inputs.test_embeddings,
+            &inputs.test_labels,
+        )),
         metric: METRIC.into(),
         higher_is_better: true,
         full_score: result.full_score,
