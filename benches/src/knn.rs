@@ -74,6 +74,20 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// CPU seconds (user + system) of this whole process, ended threads included.
+fn process_cpu_secs() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 1..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // After `(comm)`: state is field 3, utime 14, stime 15 (1-based over the line).
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some(ticks as f64 / 100.0)
+        })
+        .unwrap_or(f64::NAN)
+}
+
 /// Runs the bench and prints one line per thread count.
 pub fn run(b: &KnnBench) -> Result<(), BenchError> {
     let mut rng = Rng(0x7269_6275_7465_6b6e);
@@ -117,9 +131,13 @@ pub fn run(b: &KnnBench) -> Result<(), BenchError> {
             threads,
         };
         let load = crate::load_average();
+        let machine = crate::cpu::snapshot();
+        let cpu_before = process_cpu_secs();
         let started = Instant::now();
         let e = evaluate(&inputs, &params, &|_| {}).map_err(|e| BenchError::msg(e.to_string()))?;
         let secs = started.elapsed().as_secs_f64();
+        let cpu_secs = process_cpu_secs() - cpu_before;
+        let busy = machine.until(&crate::cpu::snapshot()).machine_busy;
         let r = &e.result;
         let sum: f64 = r.values.iter().sum();
         if (sum - r.full_score).abs() > 1e-9 {
@@ -135,16 +153,19 @@ pub fn run(b: &KnnBench) -> Result<(), BenchError> {
         }
         let pairs = (b.train as f64) * (b.test as f64);
         println!(
-            "  {threads} thread(s): {secs:.2} s, {:.0} test points/s, {:.2e} (train, test) pairs/s; \
-             CPU distances {:.2} s, ordering {:.2} s, recursion {:.2} s; U(all) {:.4}; \
-             peak RSS {:.0} MiB; load before {load}",
+            "  {threads} thread(s): {secs:.2} s wall, {:.0} test points/s, {:.2e} (train, test) \
+             pairs/s; process CPU {cpu_secs:.2} s ({:.2e} pairs per CPU-second); thread time in \
+             distances {:.2} s, ordering {:.2} s, recursion {:.2} s; U(all) {:.4}; peak RSS \
+             {:.0} MiB; machine busy {:.0}%; load before {load}",
             b.test as f64 / secs,
             pairs / secs,
+            pairs / cpu_secs,
             r.phases.distance.as_secs_f64(),
             r.phases.rank.as_secs_f64(),
             r.phases.recursion.as_secs_f64(),
             r.full_score,
-            peak_rss_mib()
+            peak_rss_mib(),
+            busy * 100.0
         );
     }
     Ok(())

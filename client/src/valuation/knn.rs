@@ -128,7 +128,7 @@ fn radix_sort_upper32(keys: &mut Vec<u64>, tmp: &mut Vec<u64>) {
     tmp.clear();
     tmp.resize(keys.len(), 0);
     for (p, c) in counts.iter().enumerate() {
-        if c.iter().any(|&n| n == keys.len()) {
+        if c.contains(&keys.len()) {
             continue;
         }
         let mut offsets = [0usize; BUCKETS];
