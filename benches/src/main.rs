@@ -4,9 +4,11 @@
 //! connections, same concurrency) and the raw SQLite rate of the same rows in batches of
 //! the same size. Method and figures: docs/PERFORMANCE.md, "Metering (tributed over gRPC)".
 //!
-//! `cargo run --release -p tribute-bench -- [--quick]`
+//! `cargo run --release -p tribute-bench -- [--quick]`; `-- --knn` instead measures the
+//! KNN-Shapley valuator (docs/PERFORMANCE.md, "KNN-Shapley valuator").
 
 mod cpu;
+mod knn;
 mod ln;
 mod load;
 mod setup;
@@ -81,6 +83,27 @@ struct Args {
     /// nodes on the dev chain) against Tribute's metering, and a 100-payout settlement round.
     #[arg(long)]
     lightning: bool,
+    /// Instead: the KNN-Shapley valuator on synthetic float32 embeddings (no daemon).
+    #[arg(long)]
+    knn: bool,
+    /// `--knn`: training points.
+    #[arg(long, default_value_t = 100_000)]
+    knn_train: usize,
+    /// `--knn`: test points.
+    #[arg(long, default_value_t = 1_000)]
+    knn_test: usize,
+    /// `--knn`: embedding dimensions.
+    #[arg(long, default_value_t = 128)]
+    knn_dim: usize,
+    /// `--knn`: K.
+    #[arg(long, default_value_t = 5)]
+    knn_k: usize,
+    /// `--knn`: datasets the training points are spread over.
+    #[arg(long, default_value_t = 100)]
+    knn_datasets: usize,
+    /// `--knn`: thread counts to run with, in order (0: all cores).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![0, 1])]
+    knn_threads: Vec<usize>,
     /// Skip the MeterStream phase (for profiling one phase).
     #[arg(long)]
     no_stream: bool,
@@ -180,6 +203,17 @@ fn check_errors(what: &str, errors: u64, first: &Option<String>) -> Result<(), B
 fn main() -> Result<(), BenchError> {
     let args = Args::parse();
     let timing = Timing::new(args.quick);
+    if args.knn {
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        return knn::run(&knn::KnnBench {
+            train: args.knn_train,
+            test: args.knn_test,
+            dim: args.knn_dim,
+            k: args.knn_k,
+            datasets: args.knn_datasets,
+            threads: args.knn_threads.iter().map(|t| if *t == 0 { cpus } else { *t }).collect(),
+        });
+    }
     let dir = match &args.data_dir {
         Some(parent) => tempfile::tempdir_in(parent),
         None => tempfile::tempdir(),

@@ -133,6 +133,9 @@ pub enum ClientError {
     /// `tribute demo` stopped or its summary's checks failed.
     #[error(transparent)]
     Demo(#[from] crate::demo::DemoError),
+    /// A valuation's inputs or outputs.
+    #[error(transparent)]
+    Valuation(#[from] crate::valuation::ValuationError),
     /// The daemon sent something that does not decode or does not check out.
     #[error("the daemon sent an invalid answer to {call}: {detail}")]
     Protocol {

@@ -1,7 +1,7 @@
 //! The client side of Tribute: the provider SDK ([`provider::Provider`]), what a
 //! contributor does against the daemon ([`contributor`]), dataset manifests
-//! ([`manifest`]), the contributor key ([`keys`]) and the `tribute` command-line tool's
-//! configuration ([`config`]).
+//! ([`manifest`]), the contributor key ([`keys`]), the built-in data valuator
+//! ([`valuation`]) and the `tribute` command-line tool's configuration ([`config`]).
 
 #![deny(missing_docs)]
 
@@ -23,6 +23,7 @@ pub mod provider;
 pub mod report;
 pub mod reputation;
 pub mod time;
+pub mod valuation;
 
 pub use connect::DaemonEndpoint;
 pub use error::{ClientError, RpcError};

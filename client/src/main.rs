@@ -20,6 +20,7 @@ use tribute_client::node::{
 use tribute_client::payments;
 use tribute_client::report::ReportCommand;
 use tribute_client::time::{parse_time, unix_now};
+use tribute_client::valuation::cli::EvaluateCommand;
 use tribute_client::{ClientError, Meter, Provider, RetryPolicy};
 use tribute_proto::v1 as pb;
 use tribute_proto::v1::registry_client::RegistryClient;
@@ -38,6 +39,7 @@ Examples:
   tribute provider register-model --model llm-a --share-ppm 200000 --per-request-nsat 5000000
   tribute provider register-run --model llm-a --run-id run-1 --started-at now --dataset <HASH>=1
   tribute provider meter --model llm-a --request-id req-1 --input-tokens 900 --output-tokens 120
+  tribute provider evaluate knn-shapley --train-embeddings … -k 5 --model llm-a --attribution-version 3 --benchmark-id b1 --out eval.json
 
 Configuration: --config FILE (TOML, see client/example.config.toml) < TRIBUTE_CLI_* environment < flags.";
 
@@ -55,7 +57,8 @@ enum Command {
     /// What a data contributor does: key, dataset licences, the receiving node.
     #[command(subcommand)]
     Contributor(ContributorCommand),
-    /// What an inference provider does: meter requests, register models and training runs.
+    /// What an inference provider does: meter requests, register models and training runs,
+    /// value datasets (`provider evaluate knn-shapley`).
     #[command(subcommand)]
     Provider(ProviderCommand),
     /// The whole system on this machine, on embedded defaults: a dev chain, tributed with
@@ -275,6 +278,10 @@ enum ProviderCommand {
         #[arg(long)]
         price_nsat: Option<u64>,
     },
+    /// Measure datasets with a built-in valuator and write an evaluation record (JSON) for
+    /// `tribute evaluator submit`.
+    #[command(subcommand)]
+    Evaluate(EvaluateCommand),
 }
 
 /// Shows a progress bar on a terminal for datasets of at least this many bytes.
@@ -723,6 +730,10 @@ fn dataset_weight(s: &str) -> Result<pb::DatasetWeight, ClientError> {
 async fn provider(config: &CliConfig, cmd: ProviderCommand) -> Result<(), ClientError> {
     let now = unix_now();
     match cmd {
+        ProviderCommand::Evaluate(e) => {
+            // CPU-bound on its own threads; nothing else runs on this runtime meanwhile.
+            tokio::task::block_in_place(|| tribute_client::valuation::cli::run(e))?;
+        }
         ProviderCommand::RegisterModel {
             model,
             share_ppm,
