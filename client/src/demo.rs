@@ -975,7 +975,7 @@ async fn drive(
 
 /// What a contributor's Lightning node holds as received from keysend payments: (Σ msat,
 /// count), from its own payment store.
-fn received(ln: &LdkBackend) -> (u64, usize) {
+pub fn received(ln: &LdkBackend) -> (u64, usize) {
     use ldk_node::payment::{PaymentDirection, PaymentKind, PaymentStatus};
     let payments = ln.node().list_payments_with_filter(|p| {
         p.direction == PaymentDirection::Inbound
