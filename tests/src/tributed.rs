@@ -1,29 +1,51 @@
-//! `tributed` as a child process: the binary built on demand (the `tests` crate cannot use
-//! `CARGO_BIN_EXE_tributed`, which only the daemon crate's own tests get), started on a config
-//! file with its log appended to a file, and stopped with SIGKILL — a crash, not a shutdown.
+//! `tributed` as a child process: the binary located beside the test's own (the `tests`
+//! crate cannot use `CARGO_BIN_EXE_tributed`, which only the daemon crate's own tests get,
+//! and cannot build it either: `cargo test` holds the target dir's lock while tests run),
+//! started on a config file with its log appended to a file, and stopped with SIGKILL — a
+//! crash, not a shutdown.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::SystemTime;
 
-/// The `tributed` binary of the profile this test was built with, built now if needed
-/// (`cargo build -p tribute-daemon --bin tributed` into the same target directory).
+/// The `tributed` binary of the profile this test was built with. `cargo test --workspace`
+/// builds it; alone, build it first (`cargo build -p tribute-daemon --bin tributed`, with
+/// `--release` for a release test). Refuses a binary older than the daemon's sources, so a
+/// test never runs yesterday's daemon.
 pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     // target/<profile>/deps/<test>-<hash>
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_owned();
-    let target_dir = profile_dir.parent().expect("target dir").to_owned();
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.args(["build", "--locked", "-p", "tribute-daemon", "--bin", "tributed", "--target-dir"])
-        .arg(&target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    let status = cmd.status().expect("runs cargo build");
-    assert!(status.success(), "building tributed failed: {status}");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let release = if profile_dir.ends_with("release") { " --release" } else { "" };
+    let build = format!("cargo build --locked -p tribute-daemon --bin tributed{release}");
     let bin = profile_dir.join("tributed");
-    assert!(bin.is_file(), "no tributed at {}", bin.display());
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("no {}: run `{build}` first", bin.display()));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+    let sources = ["daemon/src", "daemon/Cargo.toml", "channels/src", "proto"];
+    let newest = sources.iter().map(|s| newest_mtime(&root.join(s))).max().flatten();
+    if let Some(newest) = newest {
+        assert!(
+            newest <= built,
+            "{} is older than the daemon's sources: run `{build}` first",
+            bin.display()
+        );
+    }
     bin
+}
+
+/// The newest modification time under `path` (a file or a directory tree).
+fn newest_mtime(path: &Path) -> Option<SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| newest_mtime(&e.path()))
+        .max()
 }
 
 /// One `tributed` process.
