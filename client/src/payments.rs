@@ -195,6 +195,16 @@ fn inbound_payments(node: &LdkBackend) -> Vec<([u8; 32], u64, PaymentKind, Optio
         .collect()
 }
 
+/// What `node`'s own payment store holds as received keysend and BOLT12 payments:
+/// (Σ msat, count).
+pub fn received_by_node(node: &LdkBackend) -> (u64, usize) {
+    let paid: Vec<_> = inbound_payments(node)
+        .into_iter()
+        .filter(|p| matches!(p.2, PaymentKind::Keysend | PaymentKind::Bolt12))
+        .collect();
+    (paid.iter().map(|p| p.1).sum(), paid.len())
+}
+
 /// Records what the Lightning node's payment store holds that the records lack (payments
 /// received while nothing recorded them, BOLT12 payer notes). Idempotent.
 pub fn sync_payments(store: &mut NodeStore, node: &LdkBackend) -> Result<usize, NodeError> {

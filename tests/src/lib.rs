@@ -6,6 +6,7 @@
 pub mod grpc_proxy;
 pub mod ln;
 pub mod proxy;
+pub mod tributed;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -195,6 +196,17 @@ pub async fn contributor_with_dataset(
     home: &Path,
     name: &str,
 ) -> (PublicKey, DatasetHash) {
+    contributor_at(&d.endpoint(), home, name, None).await
+}
+
+/// [`contributor_with_dataset`] against any daemon: registers `node_id` as the keysend
+/// destination (a made-up id derived from the key when `None`).
+pub async fn contributor_at(
+    endpoint: &DaemonEndpoint,
+    home: &Path,
+    name: &str,
+    node_id: Option<[u8; 33]>,
+) -> (PublicKey, DatasetHash) {
     use tribute_channels::licence::{Use, Uses};
     let key = ContributorKey::create(&home.join("contributor.key")).unwrap();
     let public = key.public();
@@ -205,9 +217,12 @@ pub async fn contributor_with_dataset(
         tribute_client::manifest::Manifest::build(&data, &mut tribute_client::manifest::NoProgress)
             .unwrap()
             .dataset_hash();
-    let c = Contributor::login(&d.endpoint(), key, None, None).await.expect("login");
-    let mut node_id = [0x02; 33];
-    node_id[1..].copy_from_slice(&public.to_bytes());
+    let c = Contributor::login(endpoint, key, None, None).await.expect("login");
+    let node_id = node_id.unwrap_or_else(|| {
+        let mut id = [0x02; 33];
+        id[1..].copy_from_slice(&public.to_bytes());
+        id
+    });
     c.register(Some(node_id), None, now()).await.expect("register");
     let signed_at = now();
     c.register_licence(
@@ -231,7 +246,16 @@ pub async fn setup_model(
     datasets: &[(DatasetHash, u64)],
     share_ppm: u32,
 ) {
-    let mut prov = d.registry(&d.provider_token).await;
+    setup_model_with(d.registry(&d.provider_token).await, model, datasets, share_ppm).await
+}
+
+/// [`setup_model`] through any provider-authorized registry client.
+pub async fn setup_model_with(
+    mut prov: pb::registry_client::RegistryClient<Authed>,
+    model: &str,
+    datasets: &[(DatasetHash, u64)],
+    share_ppm: u32,
+) {
     prov.register_model(pb::RegisterModelRequest {
         model_id: model.into(),
         contributor_share_ppm: share_ppm,
