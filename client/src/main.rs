@@ -24,6 +24,7 @@ use tribute_client::valuation::cli::EvaluateCommand;
 use tribute_client::{ClientError, Meter, Provider, RetryPolicy};
 use tribute_proto::v1 as pb;
 use tribute_proto::v1::registry_client::RegistryClient;
+use tribute_proto::v1::reputation_client::ReputationClient;
 
 const ABOUT: &str =
     "Tribute: contributors license datasets and check they are paid; providers meter inference.";
@@ -256,6 +257,34 @@ enum ProviderCommand {
         /// A dataset and its weight, `HASH=WEIGHT` (repeat for each dataset).
         #[arg(long = "dataset", value_name = "HASH=WEIGHT", required = true)]
         datasets: Vec<String>,
+    },
+    /// Weight a model's payouts by its datasets' measured reputation: a new attribution
+    /// version with weights `w × f(reputation)` (docs/REPUTATION.md).
+    #[command(
+        after_help = "Example:\n  tribute provider quality-policy --model llm-a --policy-id q --policy-version 1 \\\n      --gain-ppm 1000000 --floor-ppm 0 --cap-ppm 2000000\n\nf(r) = clamp(10^6 + gain_ppm * r / 10^9, floor_ppm, cap_ppm) in ppm; floor 0 lets a dataset\nmeasured to hurt the model earn nothing. A later training run returns the model to\nunweighted payouts until the policy is applied again."
+    )]
+    QualityPolicy {
+        /// The model.
+        #[arg(long)]
+        model: String,
+        /// The policy's name.
+        #[arg(long)]
+        policy_id: String,
+        /// The policy's version.
+        #[arg(long, default_value_t = 1)]
+        policy_version: u32,
+        /// Weight gained per unit of reputation, ppm.
+        #[arg(long, default_value_t = 1_000_000)]
+        gain_ppm: u32,
+        /// Lowest factor, ppm (0: a harmful dataset can be floored to nothing).
+        #[arg(long, default_value_t = 0)]
+        floor_ppm: u32,
+        /// Highest factor, ppm (at most 10,000,000).
+        #[arg(long, default_value_t = 2_000_000)]
+        cap_ppm: u32,
+        /// Reputation as of: now, Unix seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ.
+        #[arg(long, default_value = "now")]
+        as_of: String,
     },
     /// Meter one inference request (retried with the same id on transient failures).
     #[command(
@@ -785,6 +814,51 @@ async fn provider(config: &CliConfig, cmd: ProviderCommand) -> Result<(), Client
             println!("run:                 {}", r.run_id);
             println!("model:               {}", r.model_id);
             println!("attribution_version: {}", r.attribution_version);
+        }
+        ProviderCommand::QualityPolicy {
+            model,
+            policy_id,
+            policy_version,
+            gain_ppm,
+            floor_ppm,
+            cap_ppm,
+            as_of,
+        } => {
+            let as_of = time_arg("as-of", &as_of, now)?;
+            let token = config.token.as_deref().ok_or_else(|| {
+                ClientError::Config(
+                    "a provider or operator token is needed: set TRIBUTE_CLI_TOKEN or pass --token"
+                        .into(),
+                )
+            })?;
+            let channel = config.endpoint()?.connect().await?;
+            let a = ReputationClient::with_interceptor(channel, Bearer::new(Some(token))?)
+                .apply_quality_policy(pb::ApplyQualityPolicyRequest {
+                    model_id: model,
+                    policy_id,
+                    policy_version,
+                    gain_ppm,
+                    floor_ppm,
+                    cap_ppm,
+                    as_of: as_of.0,
+                })
+                .await
+                .map_err(|s| ClientError::rpc("Reputation.ApplyQualityPolicy", &s))?
+                .into_inner();
+            println!("model:               {}", a.model_id);
+            println!("attribution_version: {}", a.version);
+            if let Some(q) = &a.quality_policy {
+                println!("base_version:        {}", q.base_version);
+                println!("policy:              {} v{}", q.policy_id, q.policy_version);
+            }
+            for e in &a.entries {
+                println!(
+                    "dataset:             {} weight {} factor_ppm {}",
+                    hex::encode(&e.dataset_hash),
+                    e.weight,
+                    e.quality_factor_ppm
+                );
+            }
         }
         ProviderCommand::Meter { model, request_id, input_tokens, output_tokens, price_nsat } => {
             let m = match (price_nsat, input_tokens, output_tokens) {

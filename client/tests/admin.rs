@@ -639,5 +639,40 @@ async fn an_evaluator_submits_and_reputation_is_served_and_recomputed() {
     };
     assert_eq!(of(&ds(1)), Some(served));
     assert!(of(&ds(2)).expect("measured") < 0, "dataset 2 hurts the model");
+
+    // The provider weights the model's payouts by reputation: a new attribution version in
+    // which the helpful dataset gains and the harmful one loses.
+    let out = ok(&tribute(
+        &url,
+        &provider,
+        &["provider", "quality-policy", "--model", "m", "--policy-id", "q", "--as-of", as_of],
+    )
+    .await);
+    assert_eq!(field(&out, "attribution_version"), "2", "{out}");
+    assert_eq!(field(&out, "base_version"), "1", "{out}");
+    assert_eq!(field(&out, "policy"), "q v1", "{out}");
+    let factor = |d: &str| -> u64 {
+        let line = out.lines().find(|l| l.contains(d)).unwrap_or_else(|| panic!("{d} in {out}"));
+        line.rsplit(' ').next().and_then(|f| f.parse().ok()).expect("factor")
+    };
+    assert!(factor(&ds(1)) > 1_000_000 && factor(&ds(2)) < 1_000_000, "{out}");
+    // Bad clamps are refused with the reason, and make no version.
+    let bad = tribute(
+        &url,
+        &provider,
+        &[
+            "provider",
+            "quality-policy",
+            "--model",
+            "m",
+            "--policy-id",
+            "q",
+            "--floor-ppm",
+            "3000000",
+        ],
+    )
+    .await;
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("INVALID_QUALITY_POLICY"), "{}", stderr(&bad));
     d.shutdown().await.expect("clean shutdown");
 }
