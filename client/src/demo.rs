@@ -67,7 +67,7 @@ pub const SHARE_PPM: u32 = 200_000;
 pub const TARIFF: (u64, u64, u64) = (1_000_000_007, 500_003, 1_500_011);
 
 const CHANNEL_SATS: u64 = 500_000;
-const WAIT: Duration = Duration::from_secs(120);
+const WAIT: Duration = devnet::WAIT;
 const POLL: Duration = Duration::from_millis(100);
 
 /// What to run.
@@ -350,33 +350,27 @@ impl Steps {
     }
 }
 
-/// Polls `check` every [`POLL`] until it gives `Some`, for at most [`WAIT`].
-async fn wait_for<T, F, Fut>(what: &'static str, mut check: F) -> Result<T, DemoError>
+/// Polls `check` until it gives `Some`, for at most [`devnet::WAIT`].
+async fn wait_for<T, F, Fut>(what: &'static str, check: F) -> Result<T, DemoError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            return Err(DemoError::new(what, format!("not done after {WAIT:?}")));
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    devnet::wait_until(what, check).await.map_err(|e| DemoError::new(what, e))
 }
 
 fn free_port() -> Result<u16, DemoError> {
     devnet::free_port().during("finding a free port")
 }
 
-/// The deterministic traffic generator (SplitMix64): token counts of simulated requests.
-struct Traffic(u64);
+/// SplitMix64: a small deterministic generator, so a seed replays a run (the demo's
+/// traffic, the crash loop's kill times).
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
 
-impl Traffic {
-    fn next(&mut self) -> u64 {
+impl SplitMix64 {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -384,9 +378,19 @@ impl Traffic {
         z ^ (z >> 31)
     }
 
+    /// A number in `lo..=hi`.
+    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+}
+
+/// The deterministic traffic generator: token counts of simulated requests.
+struct Traffic(SplitMix64);
+
+impl Traffic {
     /// (input, output) tokens: prompts of 50–4,000 tokens, answers of 10–1,200.
     fn request(&mut self) -> (u64, u64) {
-        (50 + self.next() % 3_951, 10 + self.next() % 1_191)
+        (self.0.between(50, 4_000), self.0.between(10, 1_200))
     }
 }
 
@@ -823,7 +827,7 @@ async fn drive(
     let provider = Provider::connect(ProviderConfig::new(world.endpoint(), &world.provider_token))
         .await
         .during("connecting the provider")?;
-    let mut traffic = Traffic(options.seed);
+    let mut traffic = Traffic(SplitMix64(options.seed));
     let (mut pools_nsat, mut metered, mut metering) = (0u128, 0u64, Duration::ZERO);
     let rounds = u64::from(options.rounds);
     for round in 0..rounds {

@@ -39,6 +39,7 @@ use tribute_channels::channel::ChannelState;
 use tribute_channels::codec::Encode;
 use tribute_channels::{Network, PublicKey, Signed};
 use tribute_client::connect::Bearer;
+use tribute_client::demo::SplitMix64;
 use tribute_client::keys::ContributorKey;
 use tribute_client::node::{self, NodeConfig, NodeStore, NODE_DB_FILE};
 use tribute_client::payments::received_by_node as received;
@@ -77,20 +78,16 @@ fn free_port() -> u16 {
     listener.local_addr().expect("addr").port()
 }
 
-/// SplitMix64: the test's only source of randomness, so a seed replays a run.
-struct Rng(u64);
+/// The test's only source of randomness (SplitMix64), so a seed replays a run.
+struct Rng(SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     fn between(&mut self, (lo, hi): (u64, u64)) -> u64 {
-        lo + self.next() % (hi - lo + 1)
+        self.0.between(lo, hi)
     }
 }
 
@@ -409,7 +406,7 @@ async fn worker(
     while !stop.load(Ordering::Relaxed) {
         let n = next_id.fetch_add(1, Ordering::Relaxed);
         let id = format!("req-{n:09}");
-        let mut mix = Rng(n);
+        let mut mix = Rng(SplitMix64(n));
         let (input, output) = (50 + mix.next() % 2_000, 10 + mix.next() % 800);
         ledger.sent(&id, input, output);
         match provider.meter(&request(&id, input, output)).await {
@@ -750,7 +747,7 @@ async fn sigkill_at_random_moments_loses_no_accrual_and_pays_exactly_once() {
     let kills = env_u64("TRIBUTE_CRASH_KILLS", 20);
     let seed = env_u64("TRIBUTE_CRASH_SEED", tribute_client::time::unix_now().0);
     eprintln!("crash loop: {kills} kills, seed {seed} (TRIBUTE_CRASH_SEED={seed} replays it)");
-    let mut rng = Rng(seed);
+    let mut rng = Rng(SplitMix64(seed));
     let started = Instant::now();
 
     let temp = tempfile::Builder::new().prefix("crash-loop-").tempdir().expect("tempdir");
