@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use tribute_channels::auth::AuthChallenge;
 use tribute_channels::channel::{derive_channel_id, ChannelState, ChannelStatus};
 use tribute_channels::codec::Encode;
+use tribute_channels::evaluation::{Evaluation, Measurement, MeasurementKind, Score};
+use tribute_channels::ids::{BenchmarkId, EvaluationId, Label};
 use tribute_channels::licence::{Licence, Revocation, Use, Uses};
 use tribute_channels::receipt::ReceiptBatchRoot;
 use tribute_channels::registration::ContributorRegistration;
@@ -136,6 +138,39 @@ fn all_vectors() -> Vec<Vector> {
                 batch_seq: 9,
                 receipt_count: 1000,
                 merkle_root: [0x55; 32],
+            },
+        ),
+        vector(
+            "evaluation",
+            3,
+            Evaluation {
+                network: Network::Regtest,
+                evaluation_id: EvaluationId::new("eval-1").expect("id"),
+                evaluator_key: pubkey(3),
+                model_id: ModelId::new("model-a").expect("id"),
+                attribution_version: 1,
+                benchmark_id: BenchmarkId::new("bench-1").expect("id"),
+                benchmark_sha256: [0x77; 32],
+                metric: Label::new("accuracy").expect("label"),
+                higher_is_better: true,
+                evaluated_at: Timestamp(1_700_000_200),
+                full_score: Score(830_000_000),
+                measurements: vec![
+                    Measurement {
+                        dataset,
+                        kind: MeasurementKind::LeaveOneOut { ablation_score: Score(800_000_000) },
+                    },
+                    Measurement {
+                        dataset: DatasetHash([0x22; 32]),
+                        kind: MeasurementKind::Valuation {
+                            method: Label::new("knn-shapley").expect("label"),
+                            value: Score(-12_000_000),
+                            samples: 1000,
+                            ci_low: Score(-20_000_000),
+                            ci_high: Score(-4_000_000),
+                        },
+                    },
+                ],
             },
         ),
         vector(
