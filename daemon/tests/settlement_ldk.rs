@@ -57,6 +57,16 @@ fn node_config(
     }
 }
 
+/// A daemon config that settles only when asked (`Operator.SettleNow`), from 1 msat on.
+fn settle_on_demand(dir: &std::path::Path) -> tribute_daemon::config::Config {
+    let mut config = test_config(dir);
+    config.settlement.settle_every_secs = 86_400;
+    config.settlement.settle_threshold_msat = 1_000_000_000;
+    config.settlement.max_outstanding_msat = 1_000_000_000;
+    config.settlement.min_payout_msat = 1;
+    config
+}
+
 async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
@@ -173,11 +183,7 @@ async fn real_nodes_receive_exactly_what_the_channels_owe() {
     }
 
     let data = tempfile::tempdir().expect("tempdir");
-    let mut config = test_config(data.path());
-    config.settlement.settle_every_secs = 86_400;
-    config.settlement.settle_threshold_msat = 1_000_000_000;
-    config.settlement.max_outstanding_msat = 1_000_000_000;
-    config.settlement.min_payout_msat = 1;
+    let config = settle_on_demand(data.path());
     let options = StartOptions {
         lightning: Some(daemon_node.clone() as DynLightningBackend),
         settlement: EngineOptions {
@@ -614,11 +620,7 @@ async fn a_crash_at_each_step_pays_exactly_once_on_real_nodes() {
     .await;
 
     let data = tempfile::tempdir().expect("tempdir");
-    let mut config = test_config(data.path());
-    config.settlement.settle_every_secs = 86_400;
-    config.settlement.settle_threshold_msat = 1_000_000_000;
-    config.settlement.max_outstanding_msat = 1_000_000_000;
-    config.settlement.min_payout_msat = 1;
+    let config = settle_on_demand(data.path());
     let options = |node: &Arc<LdkBackend>, fault| StartOptions {
         lightning: Some(node.clone() as DynLightningBackend),
         settlement: EngineOptions {
@@ -781,11 +783,7 @@ async fn a_round_of_100_payouts_to_one_node_pays_them_all() {
     .await;
 
     let data = tempfile::tempdir().expect("tempdir");
-    let mut config = test_config(data.path());
-    config.settlement.settle_every_secs = 86_400;
-    config.settlement.settle_threshold_msat = 1_000_000_000;
-    config.settlement.max_outstanding_msat = 1_000_000_000;
-    config.settlement.min_payout_msat = 1;
+    let config = settle_on_demand(data.path());
     let options = StartOptions {
         lightning: Some(daemon_node.clone() as DynLightningBackend),
         settlement: EngineOptions {
