@@ -207,6 +207,10 @@ pub struct SettlementConfig {
     /// (LDK accepts 50 by default, CLN 30), and an HTLC still counts there for a while after
     /// its payment has succeeded.
     pub max_in_flight_per_node: u32,
+    /// Keep a channel open to every peer the operator opened one to: when it closes without
+    /// the operator closing it (the peer closed it, or the node force-closed it after a
+    /// crash), open a new one of the same size (`keeper`).
+    pub keep_channels_open: bool,
 }
 
 impl Default for SettlementConfig {
@@ -219,6 +223,7 @@ impl Default for SettlementConfig {
             max_fee_ppm: 5_000,
             min_fee_budget_msat: 1_000,
             max_in_flight_per_node: 30,
+            keep_channels_open: true,
         }
     }
 }

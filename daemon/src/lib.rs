@@ -12,6 +12,7 @@ pub mod error;
 pub mod faults;
 pub mod grpc;
 pub mod hub;
+pub mod keeper;
 pub mod keys;
 pub mod ledger;
 pub mod lightning;

@@ -87,6 +87,9 @@ pub struct Metrics {
     /// `tribute_misbehaviour_reports`: verified proofs of provider misbehaviour (any above
     /// zero needs the operator at once).
     pub misbehaviour_reports: Gauge,
+    /// `tribute_lightning_channel_reopens_total`: channels the keeper opened because a kept
+    /// channel had closed (a force-close after a crash, or the peer's close).
+    pub channel_reopens: Counter,
 }
 
 impl Metrics {
@@ -114,6 +117,7 @@ impl Metrics {
             ln_channels: Family::default(),
             ln_up: Gauge::default(),
             misbehaviour_reports: Gauge::default(),
+            channel_reopens: Counter::default(),
         };
         r.register("meter_requests", "Metering calls by outcome", m.meter_requests.clone());
         r.register(
@@ -126,6 +130,11 @@ impl Metrics {
             "meter_queue_depth",
             "Requests waiting for the ledger writer",
             m.queue_depth.clone(),
+        );
+        r.register(
+            "lightning_channel_reopens",
+            "Kept channels reopened after they closed",
+            m.channel_reopens.clone(),
         );
         r.register("meter_pool_nsat", "Contributor pools metered, nsat", m.pool_nsat.clone());
         r.register("signed_states", "Channel states signed and published", m.signed_states.clone());

@@ -257,9 +257,17 @@ pub async fn start_with(
                 provider_key,
                 settlement.clone(),
             );
-            Some(tokio::spawn(engine.run(engine_stopped)))
+            Some(tokio::spawn(engine.run(engine_stopped.clone())))
         }
         None => None,
+    };
+    let targets =
+        crate::keeper::ChannelTargets::new(Arc::new(Mutex::new(store::connect(&db, durability)?)));
+    let keeper = match &options.lightning {
+        Some(node) if config.settlement.keep_channels_open => Some(tokio::spawn(
+            crate::keeper::run(targets.clone(), node.clone(), metrics.clone(), engine_stopped),
+        )),
+        _ => None,
     };
     let challenges = Arc::new(ChallengeBook::new(
         config.network,
@@ -345,6 +353,7 @@ pub async fn start_with(
                 reader.clone(),
                 tokens.clone(),
                 crate::grpc::Database { path: db.clone(), durability },
+                targets,
             ))
             .max_decoding_message_size(max),
             i,
@@ -397,6 +406,9 @@ pub async fn start_with(
         // The engine holds a ledger handle: stop it first (a pending settlement stays
         // pending and is resolved at the next start).
         let _ = stop_engine.send(true);
+        if let Some(keeper) = keeper {
+            let _ = keeper.await;
+        }
         if let Some(mut engine) = engine {
             if tokio::time::timeout(ENGINE_STOP_GRACE, &mut engine).await.is_err() {
                 // Mid-payment: stop it where it is, as a crash would (the saga allows it).

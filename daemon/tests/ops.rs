@@ -1,4 +1,5 @@
-//! Operations: Prometheus metrics over HTTP, gRPC health, TLS, and the listen policy.
+//! Operations: Prometheus metrics over HTTP, gRPC health, TLS, the listen policy, and the
+//! channel keeper.
 
 mod common;
 
@@ -186,4 +187,118 @@ async fn tls_listener_serves_and_plain_public_listener_is_refused() {
         let mut auth = AuthClient::with_interceptor(plain, Bearer(Some(d.operator_token.clone())));
         assert!(auth.who_am_i(tribute_proto::v1::WhoAmIRequest {}).await.is_err());
     }
+}
+
+/// The channel keeper: a channel opened through the Operator API and closed without the
+/// operator asking (the peer, or a force-close after a crash) is reopened at the same size,
+/// after a restart too; a channel the operator closes is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn kept_channels_are_reopened_after_an_unrequested_close_and_not_after_the_operators() {
+    use std::sync::Arc;
+    use tribute_daemon::lightning::{LightningBackend, OnchainBalance, ScriptedBackend};
+    use tribute_proto::v1 as pb;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = test_config(dir.path());
+    let backend = Arc::new(ScriptedBackend::new());
+    backend.set_onchain_balance(OnchainBalance {
+        total_sat: 10_000_000,
+        spendable_sat: 10_000_000,
+        ..Default::default()
+    });
+    let options = || server::StartOptions {
+        lightning: Some(backend.clone()),
+        settlement: Default::default(),
+    };
+    let mut d = TestDaemon::start_with_options(config.clone(), options()).await;
+    let peer = |n: u64| {
+        let mut id = [2u8; 33];
+        id[1..].copy_from_slice(&pubkey(n).to_bytes());
+        id
+    };
+    let (a, b) = (peer(21), peer(22));
+    let mut op = d.operator(Some(&d.operator_token)).await;
+    for (node, sat) in [(a, 1_000_000), (b, 2_000_000)] {
+        op.open_lightning_channel(pb::OpenLightningChannelRequest {
+            node_id: node.to_vec(),
+            address: "127.0.0.1:9735".into(),
+            amount_sat: sat,
+            push_msat: 0,
+            announce: false,
+        })
+        .await
+        .expect("open");
+    }
+    let channel_to = |node: [u8; 33]| {
+        let backend = backend.clone();
+        async move {
+            backend
+                .list_channels()
+                .await
+                .expect("channels")
+                .into_iter()
+                .find(|c| c.counterparty == node)
+        }
+    };
+    let reopens = |db: std::path::PathBuf, node: [u8; 33]| {
+        rusqlite::Connection::open(db)
+            .expect("open")
+            .query_row(
+                "SELECT reopens, kept FROM lightning_channel_targets WHERE node_id = ?1",
+                [node.to_vec()],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, bool>(1)?)),
+            )
+            .expect("target")
+    };
+    // Waits (bounded) until the keeper has reopened `node`'s channel `n` times in all.
+    let reopened = |db: std::path::PathBuf, node: [u8; 33], n: i64| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while reopens(db.clone(), node).0 < n {
+            assert!(std::time::Instant::now() < deadline, "not reopened {n} times");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    // A's channel closes by itself: a new one of the same size, once.
+    let first = channel_to(a).await.expect("A's channel");
+    backend.close_by_peer(&first.channel_id).expect("close");
+    reopened(d.db_path(), a, 1).await;
+    let second = channel_to(a).await.expect("A has a channel again");
+    assert_ne!(second.channel_id, first.channel_id);
+    assert_eq!(second.capacity_sat, 1_000_000);
+    assert_eq!(backend.list_channels().await.expect("channels").len(), 2, "one per peer");
+
+    // The operator closes B's channel: B is no longer kept. Then A's closes again; the pass
+    // that reopens it saw B closed and did not reopen B.
+    let to_b = channel_to(b).await.expect("B's channel");
+    op.close_lightning_channel(pb::CloseLightningChannelRequest {
+        channel_id: to_b.channel_id.0.to_vec(),
+        force: false,
+    })
+    .await
+    .expect("close");
+    backend.close_by_peer(&second.channel_id).expect("close");
+    reopened(d.db_path(), a, 2).await;
+    assert!(channel_to(b).await.is_none(), "the operator's close was undone");
+    assert_eq!(reopens(d.db_path(), b), (0, false));
+
+    // The targets survive a restart: A is still kept, B still not.
+    d.stop().await;
+    let d = TestDaemon::start_with_options(config, options()).await;
+    let third = channel_to(a).await.expect("A's channel");
+    backend.close_by_peer(&third.channel_id).expect("close");
+    reopened(d.db_path(), a, 3).await;
+    assert!(channel_to(b).await.is_none());
+    assert_eq!(channel_to(a).await.expect("A's channel").capacity_sat, 1_000_000);
+    // Reopening a closed peer is the operator's choice: opening to B again keeps it again.
+    let mut op = d.operator(Some(&d.operator_token)).await;
+    op.open_lightning_channel(pb::OpenLightningChannelRequest {
+        node_id: b.to_vec(),
+        address: "127.0.0.1:9735".into(),
+        amount_sat: 500_000,
+        push_msat: 0,
+        announce: false,
+    })
+    .await
+    .expect("open");
+    assert_eq!(reopens(d.db_path(), b), (0, true));
 }

@@ -3,6 +3,7 @@
 use super::{blocking, optional_key};
 use crate::auth::{authorize, policy, Role, TokenInfo, TokenStore};
 use crate::error::ApiError;
+use crate::keeper::ChannelTargets;
 use crate::ledger::unix_now;
 use crate::lightning::{ChannelId, DynLightningBackend, LightningError, OpenChannelRequest};
 use crate::settlement::{list_settlements, SettlementControl, SettlementRow};
@@ -47,19 +48,22 @@ pub struct OperatorService {
     reader: SharedConn,
     tokens: Arc<TokenStore>,
     database: Database,
+    targets: ChannelTargets,
 }
 
 impl OperatorService {
     /// Operates `lightning` (if the daemon has a node) and `settlement`; reads settlements
-    /// from `reader`; administers `tokens`; backs up `database`.
+    /// from `reader`; administers `tokens`; backs up `database`; records the channels it
+    /// opens in `targets` (kept open by the keeper).
     pub fn new(
         lightning: Option<DynLightningBackend>,
         settlement: SettlementControl,
         reader: SharedConn,
         tokens: Arc<TokenStore>,
         database: Database,
+        targets: ChannelTargets,
     ) -> Self {
-        OperatorService { lightning, settlement, reader, tokens, database }
+        OperatorService { lightning, settlement, reader, tokens, database, targets }
     }
 
     fn node(&self) -> Result<&DynLightningBackend, ApiError> {
@@ -239,16 +243,17 @@ impl Operator for OperatorService {
         }
         let node = self.node()?;
         node.connect(node_id, &r.address).await.map_err(ln_error)?;
-        let id = node
-            .open_channel(OpenChannelRequest {
-                node_id,
-                addr: r.address,
-                amount_sat: r.amount_sat,
-                push_msat: r.push_msat,
-                announce: r.announce,
-            })
-            .await
-            .map_err(ln_error)?;
+        let request = OpenChannelRequest {
+            node_id,
+            addr: r.address,
+            amount_sat: r.amount_sat,
+            push_msat: r.push_msat,
+            announce: r.announce,
+        };
+        let id = node.open_channel(request.clone()).await.map_err(ln_error)?;
+        // After the open: the keeper never sees a target whose first channel is not listed.
+        let targets = self.targets.clone();
+        blocking(move || targets.opened(&request).map_err(ApiError::from)).await?;
         Ok(Response::new(pb::OpenLightningChannelResponse { user_channel_id: id.0.to_string() }))
     }
 
@@ -263,7 +268,31 @@ impl Operator for OperatorService {
             .as_slice()
             .try_into()
             .map_err(|_| ApiError::malformed("channel_id", "must be 32 bytes"))?;
-        self.node()?.close_channel(&ChannelId(id), r.force).await.map_err(ln_error)?;
+        let node = self.node()?;
+        let id = ChannelId(id);
+        // Stop keeping the peer first, so the keeper does not reopen what is being closed;
+        // if the close is refused, keep it again.
+        let peer = node
+            .list_channels()
+            .await
+            .map_err(ln_error)?
+            .into_iter()
+            .find_map(|c| (c.channel_id == id).then_some(c.counterparty));
+        let unkept = match peer {
+            Some(peer) => {
+                let targets = self.targets.clone();
+                let was_kept = blocking(move || Ok(targets.set_kept(&peer, false)?)).await?;
+                was_kept.then_some(peer)
+            }
+            None => None,
+        };
+        if let Err(e) = node.close_channel(&id, r.force).await {
+            if let Some(peer) = unkept {
+                let targets = self.targets.clone();
+                blocking(move || targets.set_kept(&peer, true).map_err(ApiError::from)).await?;
+            }
+            return Err(ln_error(e).into());
+        }
         Ok(Response::new(pb::CloseLightningChannelResponse {}))
     }
 

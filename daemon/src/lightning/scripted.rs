@@ -247,6 +247,29 @@ impl ScriptedBackend {
         self.state().sent.iter().filter(|p| p.payment_id == *id).count()
     }
 
+    /// Closes a channel as its peer (or a crash) would, without the operator asking; an
+    /// error if there is no such channel.
+    pub fn close_by_peer(&self, channel_id: &ChannelId) -> Result<(), LightningError> {
+        self.remove_channel(channel_id, "force-closed by the peer")
+    }
+
+    fn remove_channel(&self, channel_id: &ChannelId, reason: &str) -> Result<(), LightningError> {
+        let mut state = self.state();
+        let index = state
+            .channels
+            .iter()
+            .position(|c| c.channel_id == *channel_id)
+            .ok_or_else(|| LightningError::Permanent(format!("no channel {channel_id}")))?;
+        let channel = state.channels.remove(index);
+        self.queue.push(LightningEvent::ChannelClosed {
+            channel_id: channel.channel_id,
+            user_channel_id: channel.user_channel_id,
+            counterparty: Some(channel.counterparty),
+            reason: reason.into(),
+        });
+        Ok(())
+    }
+
     /// Sets the on-chain balance the fake reports.
     pub fn set_onchain_balance(&self, balance: OnchainBalance) {
         self.state().onchain = balance;
@@ -535,21 +558,8 @@ impl LightningBackend for ScriptedBackend {
         channel_id: &ChannelId,
         _force: bool,
     ) -> Result<(), LightningError> {
-        let mut state = self.state();
-        Self::check_available(&state)?;
-        let index = state
-            .channels
-            .iter()
-            .position(|c| c.channel_id == *channel_id)
-            .ok_or_else(|| LightningError::Permanent(format!("no channel {channel_id}")))?;
-        let channel = state.channels.remove(index);
-        self.queue.push(LightningEvent::ChannelClosed {
-            channel_id: channel.channel_id,
-            user_channel_id: channel.user_channel_id,
-            counterparty: Some(channel.counterparty),
-            reason: "closed by the operator".into(),
-        });
-        Ok(())
+        Self::check_available(&self.state())?;
+        self.remove_channel(channel_id, "closed by the operator")
     }
 
     async fn list_channels(&self) -> Result<Vec<ChannelInfo>, LightningError> {

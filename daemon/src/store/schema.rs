@@ -9,7 +9,7 @@ use rusqlite_migration::{Migrations, M};
 
 /// Every migration, in order.
 pub fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3), M::up(V4)])
+    Migrations::new(vec![M::up(V1), M::up(V2), M::up(V3), M::up(V4), M::up(V5)])
 }
 
 const V1: &str = r#"
@@ -181,6 +181,20 @@ CREATE TABLE quality_versions (
     created_at          INTEGER NOT NULL,
     PRIMARY KEY (model_id, attribution_version),
     UNIQUE (model_id, policy_id, policy_version)
+) STRICT;
+"#;
+
+/// Channels the daemon keeps open (`keeper`): one row per peer the operator opened a
+/// channel to, with the size to reopen at. `kept` = 0 once the operator closed it.
+const V5: &str = r#"
+CREATE TABLE lightning_channel_targets (
+    node_id      BLOB PRIMARY KEY,
+    address      TEXT NOT NULL,
+    capacity_sat INTEGER NOT NULL,
+    announce     INTEGER NOT NULL,
+    kept         INTEGER NOT NULL,
+    reopens      INTEGER NOT NULL,
+    updated_at   INTEGER NOT NULL
 ) STRICT;
 "#;
 

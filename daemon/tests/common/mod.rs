@@ -21,6 +21,7 @@ use tribute_proto::v1 as pb;
 pub use pb::auth_client::AuthClient;
 pub use pb::channels_client::ChannelsClient;
 pub use pb::metering_client::MeteringClient;
+pub use pb::operator_client::OperatorClient;
 pub use pb::receipts_client::ReceiptsClient;
 pub use pb::registry_client::RegistryClient;
 
@@ -136,6 +137,9 @@ impl TestDaemon {
     }
     pub async fn auth(&self, token: Option<&str>) -> AuthClient<Authed> {
         AuthClient::with_interceptor(self.channel().await, Bearer(token.map(str::to_owned)))
+    }
+    pub async fn operator(&self, token: Option<&str>) -> OperatorClient<Authed> {
+        OperatorClient::with_interceptor(self.channel().await, Bearer(token.map(str::to_owned)))
     }
 
     /// Logs a contributor in with a signed challenge; returns its session token.
