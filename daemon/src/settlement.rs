@@ -25,7 +25,10 @@
 //! it, and a channel carries a bounded number of HTLCs (LDK: 50 by default), each of which
 //! keeps its place for a while after its payment succeeded. A keysend the node refuses at
 //! once while the channel is full of our other payouts is not a definite failure: it is
-//! sent again (same preimage) as soon as one of them finishes, within the round.
+//! sent again (same preimage) as soon as one of them finishes, within the round. Nor is one
+//! the node took and then gave up on for want of a route (the first hop refused the HTLC
+//! for the same reason): LDK reports the failure only once nothing of it is in flight, and
+//! it is sent again the same way.
 
 use crate::config::SettlementConfig;
 use crate::error::ApiError;
@@ -707,6 +710,7 @@ impl SettlementEngine {
             return Ok(Outcome::StillPending);
         };
         let mut sent = false;
+        let mut refusals = 0u32;
         let mut payment_id = row.payment_id.map(PaymentId);
         loop {
             let status = match (&dest, payment_id) {
@@ -742,6 +746,23 @@ impl SettlementEngine {
                         .map(|_| Outcome::Succeeded);
                 }
                 PaymentStatus::Failed { reason } => {
+                    // The node took the payment, then found the channel full of our other
+                    // payouts to the same node (the first hop refused the HTLC and no other
+                    // route exists): LDK reports a failure only once nothing of it is in
+                    // flight, so it is sent again under the same id and preimage.
+                    if matches!(
+                        reason,
+                        FailureReason::RouteNotFound
+                            | FailureReason::RetriesExhausted
+                            | FailureReason::NotRecorded
+                    ) && self.wait_for_room(&row, &dest, slots, deadline, &mut refusals).await
+                    {
+                        match self.send(&row, &dest, slots, deadline).await? {
+                            Some(id) => payment_id = Some(id),
+                            None => return Ok(Outcome::Failed),
+                        }
+                        continue;
+                    }
                     self.fault(FaultPoint::BeforeFinalize)?;
                     self.db(|c| mark_failed(c, row.settlement_id, &reason.to_string()))?;
                     tracing::warn!(
@@ -798,21 +819,7 @@ impl SettlementEngine {
                 }
                 Sent::Refused { reason, at_send } => (reason, at_send),
             };
-            // A BOLT12 payment is routed only once the invoice is back: a refusal at send
-            // is never about the channel's room. Nor is it when the node is offline.
-            let busy = match dest {
-                Destination::Keysend(node) => {
-                    at_send
-                        && Instant::now() < deadline
-                        && slots.busy(&row.destination)
-                        && !self.peer_offline(node).await
-                }
-                Destination::Offer(_) => false,
-            };
-            if busy {
-                let wait = BUSY_RETRY_WAIT.0.saturating_mul(1 << refusals.min(16));
-                refusals += 1;
-                slots.released_within(wait.min(BUSY_RETRY_WAIT.1)).await;
+            if at_send && self.wait_for_room(row, dest, slots, deadline, &mut refusals).await {
                 continue;
             }
             self.db(|c| mark_failed(c, row.settlement_id, &reason))?;
@@ -823,6 +830,35 @@ impl SettlementEngine {
             );
             return Ok(None);
         }
+    }
+
+    /// Whether a keysend the node gave up on may have lacked only room in the channel that
+    /// our other payouts to the same node fill: if so, waits until one of them finishes (or
+    /// a wait that doubles per call, `refusals`) and says to send it again. A BOLT12 payment
+    /// is routed only once the invoice is back, so its failures are never about the
+    /// channel's room; nor are they when the node is offline.
+    async fn wait_for_room(
+        &self,
+        row: &SettlementRow,
+        dest: &Destination,
+        slots: &Slots,
+        deadline: Instant,
+        refusals: &mut u32,
+    ) -> bool {
+        let busy = match dest {
+            Destination::Keysend(node) => {
+                Instant::now() < deadline
+                    && slots.busy(&row.destination)
+                    && !self.peer_offline(node).await
+            }
+            Destination::Offer(_) => false,
+        };
+        if busy {
+            let wait = BUSY_RETRY_WAIT.0.saturating_mul(1 << (*refusals).min(16));
+            *refusals += 1;
+            slots.released_within(wait.min(BUSY_RETRY_WAIT.1)).await;
+        }
+        busy
     }
 
     /// Whether `node` is our peer and none of our channels with it is usable (it is offline,

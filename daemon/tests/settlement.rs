@@ -18,7 +18,7 @@ use tribute_channels::registration::ContributorRegistration;
 use tribute_channels::{Network, PublicKey, Signed, Timestamp};
 use tribute_daemon::config::Config;
 use tribute_daemon::lightning::{
-    AttemptRequest, DynLightningBackend, Resolution, ScriptStep, ScriptedBackend,
+    AttemptRequest, DynLightningBackend, FailureReason, Resolution, ScriptStep, ScriptedBackend,
 };
 use tribute_daemon::server::StartOptions;
 use tribute_daemon::settlement::{
@@ -368,6 +368,62 @@ async fn a_contributor_with_an_offer_is_paid_through_it_twice() {
     assert_eq!(offer_attempts, 2);
     let state = latest_state(&d, 33).await;
     assert_eq!(Some(state.last_settlement_hash), offer_rows[1].payment_hash);
+    check_paid_once(&d, &backend);
+    check_conservation(&d).await;
+}
+
+/// Three contributors paid to one node: the node takes one payout, then gives up on it
+/// with `RouteNotFound` (the first hop refused the HTLC: the channel is full of our other
+/// payouts to that node). Nothing of it is in flight, so it is sent again in the same round
+/// under the same id and preimage, and every payout succeeds once. (With the contributors
+/// on three nodes the same failure is final: `faults_never_pay_twice_…`.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_payout_the_full_channel_failed_is_sent_again_in_the_round() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend = Arc::new(ScriptedBackend::with_script([
+        ScriptStep::Pending(Resolution::Succeed),
+        ScriptStep::Pending(Resolution::Fail(FailureReason::RouteNotFound)),
+        ScriptStep::Pending(Resolution::Succeed),
+    ]));
+    backend.set_pending_polls(3);
+    let d = TestDaemon::start_with_options(config(dir.path()), options(&backend, None)).await;
+    setup_model(&d, MODEL, &OWNERS, 700_000).await;
+    // Contributors 32 and 33 are paid to 31's node.
+    let mut node_id = [0x02; 33];
+    node_id[1..].copy_from_slice(&pubkey(31).to_bytes());
+    let mut registry = d.registry(Some(&d.operator_token)).await;
+    for n in [32, 33] {
+        let reg = ContributorRegistration {
+            network: Network::Regtest,
+            contributor_key: pubkey(n),
+            node_id: Some(node_id),
+            bolt12_offer: None,
+            registered_at: Timestamp(1_700_000_100),
+        };
+        registry
+            .register_contributor(pb::RegisterContributorRequest {
+                signed_registration: Signed::sign(reg, &keypair(n), &[3; 32])
+                    .expect("sign")
+                    .encode(),
+            })
+            .await
+            .expect("newer registration");
+    }
+    meter_some(&d, "x", 30).await;
+    d.running().settlement.settle_now_and_wait().await;
+    let rows = settlements(&d);
+    assert_eq!(rows.len(), OWNERS.len(), "{rows:?}");
+    assert!(rows.iter().all(|s| s.status == "succeeded"), "{rows:?}");
+    // One of them was handed to the node twice, under one id.
+    let mut per_id: HashMap<[u8; 32], usize> = HashMap::new();
+    for a in backend.attempts() {
+        if let AttemptRequest::Keysend(k) = &a.request {
+            *per_id.entry(k.payment_id().0).or_default() += 1;
+        }
+    }
+    let mut counts: Vec<usize> = per_id.values().copied().collect();
+    counts.sort_unstable();
+    assert_eq!(counts, vec![1, 1, 2], "{per_id:?}");
     check_paid_once(&d, &backend);
     check_conservation(&d).await;
 }
