@@ -23,7 +23,7 @@ use crate::contributor::Contributor;
 use crate::error::ClientError;
 use crate::keys::{random_bytes, ContributorKey};
 use crate::time::unix_now;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use tonic::transport::Channel;
 use tribute_channels::auth::AuthChallenge;
@@ -40,7 +40,7 @@ use tribute_proto::v1::auth_client::AuthClient;
 use tribute_proto::v1::reputation_client::ReputationClient;
 
 /// One dataset's entry in the JSON body.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetInput {
     /// Dataset hash, 64 hex digits.
@@ -48,19 +48,25 @@ pub struct DatasetInput {
     /// `leave-one-out` or a valuation method (`knn-shapley`, `influence`, …).
     pub method: String,
     /// Leave-one-out: the score of the model trained without the dataset.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ablation_score: Option<f64>,
     /// Valuation: the estimate.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub value: Option<f64>,
     /// Valuation: samples behind it.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub samples: Option<u64>,
     /// Valuation: interval low end.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ci_low: Option<f64>,
     /// Valuation: interval high end.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ci_high: Option<f64>,
 }
 
-/// The unsigned JSON body of an evaluation record.
-#[derive(Debug, Clone, Deserialize)]
+/// The unsigned JSON body of an evaluation record (what `tribute evaluator submit` reads and
+/// the KNN valuator writes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvaluationInput {
     /// Unique id (the idempotency key).
@@ -80,7 +86,7 @@ pub struct EvaluationInput {
     /// The full model's score.
     pub full_score: f64,
     /// When it was evaluated (Unix seconds); default: now.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluated_at: Option<u64>,
     /// Per-dataset measurements.
     pub datasets: Vec<DatasetInput>,

@@ -436,12 +436,13 @@ fn the_cli_writes_the_library_result_for_npy_and_csv_fixtures() {
     assert_eq!(record.evaluation_id.len(), 64);
     let datasets: Vec<&str> = record.datasets.iter().map(|d| d.dataset.as_str()).collect();
     assert_eq!(datasets, ["11".repeat(32), "22".repeat(32), "33".repeat(32)]);
-    let sum: f64 = record.datasets.iter().map(|d| d.value).sum();
+    let sum: f64 = record.datasets.iter().map(|d| d.value.expect("value")).sum();
     assert!((sum - record.full_score).abs() <= 1e-12, "Σ dataset scores {sum} vs U(all)");
     for d in &record.datasets {
         assert_eq!(d.method, "knn-shapley");
-        assert_eq!(d.samples, 5);
+        assert_eq!(d.samples, Some(5));
         assert!(d.ci_low <= d.value && d.value <= d.ci_high, "{d:?}");
+        assert!(d.ci_low.is_some() && d.ablation_score.is_none(), "{d:?}");
     }
     // benchmark_sha256 = `cat TEST_EMBEDDINGS TEST_LABELS | sha256sum`.
     let mut e = sha256::Hash::engine();

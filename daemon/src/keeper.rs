@@ -249,7 +249,8 @@ pub async fn run(
             return;
         }
         if let Err(e) = check(&targets, &node, &metrics, &mut backoff).await {
-            tracing::warn!("channel keeper: {e}");
+            // The node down (the settlement engine says so) or the database busy: next tick.
+            tracing::debug!("channel keeper: {e}");
         }
     }
 }

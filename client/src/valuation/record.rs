@@ -12,8 +12,8 @@
 use super::input::{self, Embeddings, InputFile};
 use super::knn::{knn_shapley, KnnOptions, KnnShapley, TestSet, TrainSet};
 use super::ValuationError;
+use crate::reputation::DatasetInput;
 use bitcoin::hashes::{sha256, Hash, HashEngine};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tribute_channels::DatasetHash;
 
@@ -25,45 +25,11 @@ pub const METRIC: &str = "knn-utility";
 /// The per-dataset `method`.
 pub const METHOD: &str = "knn-shapley";
 
-/// The unsigned evaluation record (`tribute evaluator submit FILE.json` reads this shape).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EvaluationRecord {
-    /// Deterministic id over the inputs (see the module docs).
-    pub evaluation_id: String,
-    /// The model evaluated.
-    pub model_id: String,
-    /// Its attribution version.
-    pub attribution_version: u64,
-    /// The benchmark's name.
-    pub benchmark_id: String,
-    /// SHA-256 of the test files (hex), see the module docs.
-    pub benchmark_sha256: String,
-    /// [`METRIC`].
-    pub metric: String,
-    /// Always true: a higher utility is better.
-    pub higher_is_better: bool,
-    /// `U(all)`: the utility of the whole training set.
-    pub full_score: f64,
-    /// One measurement per dataset, by dataset hash.
-    pub datasets: Vec<DatasetMeasurement>,
-}
-
-/// One dataset's KNN-Shapley score.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DatasetMeasurement {
-    /// The dataset hash (64 hex).
-    pub dataset: String,
-    /// [`METHOD`].
-    pub method: String,
-    /// The sum of the dataset's points' values: its score.
-    pub value: f64,
-    /// Test points the value is a mean over.
-    pub samples: u64,
-    /// Lower end of the 95% interval (`value − 1.96·sd/√samples`).
-    pub ci_low: f64,
-    /// Upper end.
-    pub ci_high: f64,
-}
+/// The unsigned evaluation record the valuator writes: the shape `tribute evaluator submit
+/// FILE.json` reads, with `full_score` = `U(all)` and, per dataset, the KNN-Shapley `value`
+/// (the sum of its points' values), the test points it is a mean over (`samples`) and the
+/// 95% interval (`ci_low`/`ci_high` = `value ∓ 1.96·sd/√samples`).
+pub use crate::reputation::EvaluationInput as EvaluationRecord;
 
 /// The five input files.
 #[derive(Debug, Clone)]
@@ -265,16 +231,18 @@ pub fn evaluate(
         metric: METRIC.into(),
         higher_is_better: true,
         full_score: result.full_score,
+        evaluated_at: None,
         datasets: datasets
             .iter()
             .zip(&result.groups)
-            .map(|(d, g)| DatasetMeasurement {
+            .map(|(d, g)| DatasetInput {
                 dataset: d.to_hex(),
                 method: METHOD.into(),
-                value: g.value,
-                samples: g.samples,
-                ci_low: g.ci_low,
-                ci_high: g.ci_high,
+                ablation_score: None,
+                value: Some(g.value),
+                samples: Some(g.samples),
+                ci_low: Some(g.ci_low),
+                ci_high: Some(g.ci_high),
             })
             .collect(),
     };
