@@ -5,6 +5,9 @@
 //! reputation commands: `tribute evaluator submit`, `tribute contributor reputation`,
 //! `tribute report reputation`.
 
+mod common;
+
+use common::*;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -15,19 +18,13 @@ use tribute_channels::registration::ContributorRegistration;
 use tribute_channels::sign::secp;
 use tribute_channels::{DatasetHash, Network, PublicKey, Signed, Timestamp};
 use tribute_daemon::auth::Role;
-use tribute_daemon::config::Config;
 use tribute_daemon::lightning::ScriptedBackend;
 use tribute_daemon::server::{self, RunningDaemon, StartOptions};
 use tribute_daemon::settlement::EngineOptions;
 use tribute_proto::v1 as pb;
 
 async fn daemon(dir: &Path) -> RunningDaemon {
-    let mut c = Config {
-        data_dir: dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        metrics_listen: None,
-        ..Config::default()
-    };
+    let mut c = daemon_config(dir);
     c.settlement.settle_every_secs = 86_400;
     c.settlement.min_payout_msat = 1;
     let options = StartOptions {
@@ -47,26 +44,6 @@ async fn tribute(url: &str, token: &str, args: &[&str]) -> Output {
     cmd.arg("--daemon").arg(url).args(args);
     cmd.env_remove("TRIBUTE_CLI_CONFIG").env("TRIBUTE_CLI_TOKEN", token);
     tokio::task::spawn_blocking(move || cmd.output().expect("runs")).await.expect("joined")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "failed: {}\n{}", stderr(o), stdout(o));
-    stdout(o)
-}
-
-fn field(out: &str, name: &str) -> String {
-    out.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .unwrap_or_else(|| panic!("no {name} in {out}"))
-        .trim()
-        .to_owned()
 }
 
 fn keypair(n: u8) -> ldk_node::bitcoin::secp256k1::Keypair {

@@ -1,11 +1,13 @@
 //! The `tribute` binary against a real daemon on loopback with a real SQLite file:
 //! init, register, register-dataset, licences, revoke, and clear errors.
 
+mod common;
+
+use common::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use tribute_daemon::auth::Role;
-use tribute_daemon::config::Config;
 use tribute_daemon::server::{self, RunningDaemon};
 
 const FIXTURE_DATASET_HASH: &str =
@@ -16,13 +18,7 @@ fn fixture() -> PathBuf {
 }
 
 async fn daemon(dir: &Path) -> RunningDaemon {
-    let c = Config {
-        data_dir: dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        metrics_listen: None,
-        ..Config::default()
-    };
-    server::start(c).await.expect("daemon starts")
+    server::start(daemon_config(dir)).await.expect("daemon starts")
 }
 
 /// Runs `tribute` with `args` (off the async workers) and the given environment.
@@ -34,21 +30,6 @@ async fn tribute(home: &Path, url: &str, args: &[&str], env: &[(&str, &str)]) ->
         cmd.env(k, v);
     }
     tokio::task::spawn_blocking(move || cmd.output().expect("runs")).await.expect("joined")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn field(out: &str, name: &str) -> String {
-    out.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .unwrap_or_else(|| panic!("no {name} in {out}"))
-        .trim()
-        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -443,13 +424,8 @@ async fn tls_daemon_with_a_private_ca() {
     let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
     let wrong_ca = dir.path().join("wrong-ca.pem");
     std::fs::write(&wrong_ca, other.cert.pem()).expect("cert");
-    let config = Config {
-        data_dir: dir.path().join("daemon"),
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        metrics_listen: None,
-        tls: Some(tribute_daemon::config::TlsConfig { cert_path: cert_path.clone(), key_path }),
-        ..Config::default()
-    };
+    let mut config = daemon_config(&dir.path().join("daemon"));
+    config.tls = Some(tribute_daemon::config::TlsConfig { cert_path: cert_path.clone(), key_path });
     let d = server::start(config).await.expect("daemon starts");
     let url = format!("https://{}", d.grpc_addr);
     let home = dir.path().join("dora");

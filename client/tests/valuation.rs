@@ -4,7 +4,10 @@
 //! intervals, determinism across thread counts, and the `tribute provider evaluate
 //! knn-shapley` command on fixture files written by NumPy (`tests/fixtures/knn/make.py`).
 
+mod common;
+
 use bitcoin::hashes::{sha256, Hash, HashEngine};
+use common::stderr;
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -291,10 +294,6 @@ fn tribute(args: &[&str]) -> Output {
         .env_remove("TRIBUTE_CLI_CONFIG")
         .output()
         .expect("runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 struct Files {
