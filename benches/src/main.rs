@@ -5,12 +5,14 @@
 //! the same size. Method and figures: docs/PERFORMANCE.md, "Metering (tributed over gRPC)".
 //!
 //! `cargo run --release -p tribute-bench -- [--quick]`; `-- --knn` instead measures the
-//! KNN-Shapley valuator (docs/PERFORMANCE.md, "KNN-Shapley valuator").
+//! KNN-Shapley valuator (docs/PERFORMANCE.md, "KNN-Shapley valuator"); `-- --overload`
+//! load shedding at 10× the sustainable rate (docs/PERFORMANCE.md, "Overload").
 
 mod cpu;
 mod knn;
 mod ln;
 mod load;
+mod overload;
 mod setup;
 mod sqlite;
 
@@ -110,6 +112,27 @@ struct Args {
     /// Skip the SQLite ceilings (for profiling).
     #[arg(long)]
     no_sqlite: bool,
+    /// Instead: open-loop load at the sustainable rate R, then at 10 × R while settlement
+    /// rounds run — admitted latency, shedding, memory, settlement (docs/PERFORMANCE.md,
+    /// "Overload").
+    #[arg(long)]
+    overload: bool,
+    /// `--overload`: the sustainable rate R in requests/s (default: 0.7 × the closed-loop
+    /// Meter throughput at concurrency 64, measured first).
+    #[arg(long)]
+    overload_rate: Option<f64>,
+    /// `--overload`: the overload factor.
+    #[arg(long, default_value_t = 10.0)]
+    overload_factor: f64,
+    /// `--overload`: most calls the open-loop generator keeps outstanding (past it a
+    /// scheduled request is counted as not sent). The default is about what the daemon
+    /// takes over 4 connections (4 × 200 HTTP/2 streams); more only queues in the client.
+    #[arg(long, default_value_t = 1024)]
+    overload_outstanding: u64,
+    /// The daemon's `meter.max_in_flight` (admission bound); the daemon's default when not
+    /// given.
+    #[arg(long)]
+    max_in_flight: Option<usize>,
     /// Concurrency levels of the unary phases (`0` alone: skip them).
     #[arg(long, value_delimiter = ',', default_values_t = vec![1, 16, 64])]
     concurrency: Vec<usize>,
@@ -219,6 +242,21 @@ fn main() -> Result<(), BenchError> {
         None => tempfile::tempdir(),
     }
     .map_err(|e| BenchError::msg(e.to_string()))?;
+    if args.overload {
+        return overload::run(
+            dir.path(),
+            &overload::OverloadArgs {
+                quick: args.quick,
+                connections: args.connections,
+                rate: args.overload_rate,
+                factor: args.overload_factor,
+                daemon_workers: args.daemon_workers,
+                client_workers: args.client_workers,
+                max_in_flight: args.max_in_flight,
+                max_outstanding: args.overload_outstanding,
+            },
+        );
+    }
     if args.lightning {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -248,17 +286,21 @@ fn main() -> Result<(), BenchError> {
     if let Some(ms) = args.stream_interval_ms {
         config.meter.stream_interval_ms = ms;
     }
+    if let Some(m) = args.max_in_flight {
+        config.meter.max_in_flight = m;
+    }
     let stream_interval_ms = config.meter.stream_interval_ms;
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     println!(
         "tribute-bench: {} run, {cpus} CPUs, daemon runtime {} workers + ledger thread, client \
          runtime {} workers, {} connection(s), {} stream(s), heads signed every {stream_interval_ms} ms, \
-         data in {}; load average {}",
+         meter.max_in_flight {}, data in {}; load average {}",
         if args.quick { "quick" } else { "full" },
         args.daemon_workers,
         args.client_workers,
         args.connections,
         args.streams,
+        config.meter.max_in_flight,
         dir.path().display(),
         load_average()
     );
@@ -377,14 +419,12 @@ fn main() -> Result<(), BenchError> {
     Ok(())
 }
 
-/// Every acknowledged request is in the log, and `Σ accrued == Σ pools` to the nsat.
-fn verify_ledger(db: &Path, acknowledged: u64) -> Result<(), BenchError> {
+/// (Σ pools, Σ accrued) over the ledger, in nsat.
+fn conservation(db: &Path) -> Result<(u128, u128), BenchError> {
     let conn = rusqlite::Connection::open(db).map_err(|e| BenchError::msg(e.to_string()))?;
     let e = |e: rusqlite::Error| BenchError::msg(e.to_string());
-    let (events, pools): (i64, i64) = conn
-        .query_row("SELECT COUNT(*), COALESCE(SUM(pool_nsat), 0) FROM meter_events", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+    let pools: i64 = conn
+        .query_row("SELECT COALESCE(SUM(pool_nsat), 0) FROM meter_events", [], |r| r.get(0))
         .map_err(e)?;
     let mut stmt =
         conn.prepare("SELECT accrued_msat, accrued_rem_nsat FROM channels").map_err(e)?;
@@ -394,7 +434,17 @@ fn verify_ledger(db: &Path, acknowledged: u64) -> Result<(), BenchError> {
         .map(|r| r.map(|(m, rem)| m as u128 * 1_000_000 + rem as u128))
         .sum::<Result<u128, _>>()
         .map_err(e)?;
-    if events as u64 != acknowledged || accrued != pools as u128 {
+    Ok((pools as u128, accrued))
+}
+
+/// Every acknowledged request is in the log, and `Σ accrued == Σ pools` to the nsat.
+fn verify_ledger(db: &Path, acknowledged: u64) -> Result<(), BenchError> {
+    let conn = rusqlite::Connection::open(db).map_err(|e| BenchError::msg(e.to_string()))?;
+    let events: i64 = conn
+        .query_row("SELECT COUNT(*) FROM meter_events", [], |r| r.get(0))
+        .map_err(|e| BenchError::msg(e.to_string()))?;
+    let (pools, accrued) = conservation(db)?;
+    if events as u64 != acknowledged || accrued != pools {
         return Err(BenchError::msg(format!(
             "ledger check failed: {events} events for {acknowledged} acknowledged requests; \
              accrued {accrued} nsat vs pools {pools} nsat"

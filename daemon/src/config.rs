@@ -153,6 +153,9 @@ pub struct StorageConfig {
     pub durability: Durability,
 }
 
+/// Default of `meter.max_in_flight`: see docs/PERFORMANCE.md, "Overload".
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+
 /// The metering pipeline's bounds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -161,6 +164,10 @@ pub struct MeterConfig {
     pub max_batch: usize,
     /// Most requests waiting for the writer; past it `Meter` answers `OVERLOADED`.
     pub queue_capacity: usize,
+    /// Most metering requests in flight (admitted, not yet answered), `Meter` and
+    /// `MeterStream` together; past it a request is shed at once with
+    /// `RESOURCE_EXHAUSTED` + `OVERLOADED`, before anything is recorded (`admission`).
+    pub max_in_flight: usize,
     /// Highest price accepted for one request, in nanosatoshi.
     pub max_price_nsat: u64,
     /// Largest encoded request accepted, in bytes.
@@ -176,6 +183,7 @@ impl Default for MeterConfig {
         MeterConfig {
             max_batch: 4096,
             queue_capacity: 65_536,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_price_nsat: 1_000_000_000_000_000,
             max_message_bytes: 64 * 1024,
             stream_interval_ms: 100,
@@ -612,6 +620,9 @@ impl Config {
                 format!("must be at least meter.max_batch ({})", m.max_batch),
             );
         }
+        if m.max_in_flight == 0 {
+            return invalid("meter.max_in_flight", "must be at least 1");
+        }
         if m.max_price_nsat == 0 {
             return invalid("meter.max_price_nsat", "must be at least 1");
         }
@@ -937,6 +948,11 @@ mod tests {
             let err = load("[meter]\nmax_batch = 10\nqueue_capacity = 5\n").unwrap_err();
             assert!(
                 matches!(err, ConfigError::Invalid { field: "meter.queue_capacity", .. }),
+                "{err}"
+            );
+            let err = load("[meter]\nmax_in_flight = 0\n").unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Invalid { field: "meter.max_in_flight", .. }),
                 "{err}"
             );
             let err = load("[meter]\nstream_interval_ms = 0\n").unwrap_err();

@@ -31,6 +31,7 @@
 //!   nothing was released and the stored head (unsigned, same content) is signed again.
 //! - A channel row is marked signed only if its stored head is exactly the signed state.
 
+use crate::admission::Admitted;
 use crate::error::ApiError;
 use crate::hub::{Hub, HubEvent};
 use crate::meter::{decode_attribution, Prepared};
@@ -99,6 +100,18 @@ pub struct MeterJob {
     pub include_shares: bool,
     /// Where the answer goes.
     pub reply: oneshot::Sender<Result<MeterOutcome, ApiError>>,
+    /// The request's admission slot: released when the writer is done with the job.
+    pub admitted: Admitted,
+}
+
+impl MeterJob {
+    /// Answers the request, releasing its admission slot first: a caller that has its
+    /// answer finds its slot free again (a `MeterStream` relies on that).
+    fn answer(self, answer: Result<MeterOutcome, ApiError>) {
+        let MeterJob { reply, admitted, .. } = self;
+        drop(admitted);
+        let _ = reply.send(answer);
+    }
 }
 
 /// A succeeded settlement for the writer to finalize.
@@ -445,6 +458,8 @@ struct Writer {
     fault: Option<(MeterFault, u64)>,
     /// A fault point was reached: the writer stops as if the process died.
     halted: bool,
+    /// Test-only gate in front of meter batches (`faults::WriterHold`).
+    hold: Option<crate::faults::WriterHold>,
 }
 
 impl Ledger {
@@ -481,6 +496,7 @@ impl Ledger {
             unwritten: HashMap::new(),
             fault: crate::faults::take_armed(),
             halted: false,
+            hold: crate::faults::take_hold(),
         };
         writer.load()?;
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
@@ -621,6 +637,9 @@ impl Writer {
                             }
                         }
                         if !jobs.is_empty() {
+                            if let Some(hold) = &self.hold {
+                                hold.pass(jobs.len());
+                            }
                             self.process(jobs);
                             if self.halted {
                                 tracing::warn!("ledger writer stopped at its fault point");
@@ -913,7 +932,7 @@ impl Writer {
                 Fate::Fresh => fresh.push(job),
                 Fate::Follows(leaf) => followers.push((job, leaf)),
                 Fate::Answered(answer) => {
-                    let _ = job.reply.send(answer);
+                    job.answer(answer);
                 }
             }
         }
@@ -928,18 +947,18 @@ impl Writer {
                 for (job, leaf) in followers {
                     let p = &fresh[leaf].prepared;
                     let o = outcome(p, batch_seq, leaf as u32, true, job.include_shares);
-                    let _ = job.reply.send(Ok(o));
+                    job.answer(Ok(o));
                 }
                 for (leaf, job) in fresh.into_iter().enumerate() {
                     let o =
                         outcome(&job.prepared, batch_seq, leaf as u32, false, job.include_shares);
-                    let _ = job.reply.send(Ok(o));
+                    job.answer(Ok(o));
                 }
             }
             Err(e) => {
                 tracing::error!("metering batch failed, nothing was written: {e}");
                 for job in fresh.into_iter().chain(followers.into_iter().map(|(j, _)| j)) {
-                    let _ = job.reply.send(Err(e.clone()));
+                    job.answer(Err(e.clone()));
                 }
             }
         }

@@ -4,6 +4,7 @@
 
 pub use tribute_channels as channels;
 
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod dashboard;

@@ -53,6 +53,12 @@ pub struct Metrics {
     pub batch_size: Histogram,
     /// `tribute_meter_queue_depth`: requests waiting for the writer.
     pub queue_depth: Gauge,
+    /// `tribute_meter_in_flight`: metering requests admitted and not yet answered (at most
+    /// `meter.max_in_flight`; the ones shed beyond it count as
+    /// `tribute_meter_requests_total{outcome="overloaded"}`).
+    pub in_flight: Gauge,
+    /// `tribute_meter_max_in_flight`: the admission bound (`meter.max_in_flight`).
+    pub max_in_flight: Gauge,
     /// `tribute_meter_pool_nsat_total`: Σ contributor pools metered (nsat).
     pub pool_nsat: Counter,
     /// `tribute_signed_states_total`.
@@ -102,6 +108,8 @@ impl Metrics {
             meter_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             queue_depth: Gauge::default(),
+            in_flight: Gauge::default(),
+            max_in_flight: Gauge::default(),
             pool_nsat: Counter::default(),
             signed_states: Counter::default(),
             channel_accrued_msat: Family::default(),
@@ -135,6 +143,16 @@ impl Metrics {
             "lightning_channel_reopens",
             "Kept channels reopened after they closed",
             m.channel_reopens.clone(),
+        );
+        r.register(
+            "meter_in_flight",
+            "Metering requests admitted and not yet answered",
+            m.in_flight.clone(),
+        );
+        r.register(
+            "meter_max_in_flight",
+            "Admission bound on metering requests in flight (beyond it: OVERLOADED)",
+            m.max_in_flight.clone(),
         );
         r.register("meter_pool_nsat", "Contributor pools metered, nsat", m.pool_nsat.clone());
         r.register("signed_states", "Channel states signed and published", m.signed_states.clone());

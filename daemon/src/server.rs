@@ -321,6 +321,7 @@ pub async fn start_with(
                 handle.clone(),
                 config.meter.max_price_nsat,
                 max,
+                config.meter.max_in_flight,
                 metrics.clone(),
             ))
             .max_decoding_message_size(hard_max),

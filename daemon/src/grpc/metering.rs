@@ -1,5 +1,11 @@
 //! `tribute.v1.Metering`: `Meter` and `MeterStream`.
+//!
+//! Every request takes an admission slot (`admission`) before anything else is done with
+//! it; without one, `Meter` is answered `RESOURCE_EXHAUSTED` + `OVERLOADED` at once, and a
+//! `MeterStream` holds its next request until one of its own answers frees a slot (or sheds
+//! it the same way when it has nothing in flight to wait for).
 
+use crate::admission::{shed, Admission, Admitted};
 use crate::auth::{authorize, policy};
 use crate::error::ApiError;
 use crate::ledger::{unix_now, LedgerHandle, MeterJob, MeterOutcome};
@@ -28,24 +34,31 @@ pub struct MeteringService {
     max_price_nsat: u64,
     max_message_bytes: usize,
     metrics: Arc<Metrics>,
+    admission: Admission,
 }
 
 impl MeteringService {
-    /// Meters into `ledger`, validating against `registry`; counts into `metrics`.
+    /// Meters into `ledger`, validating against `registry`, with at most `max_in_flight`
+    /// requests in flight; counts into `metrics`.
     pub fn new(
         registry: Arc<Registry>,
         ledger: LedgerHandle,
         max_price_nsat: u64,
         max_message_bytes: usize,
+        max_in_flight: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
-        MeteringService { registry, ledger, max_price_nsat, max_message_bytes, metrics }
+        metrics.max_in_flight.set(i64::try_from(max_in_flight).unwrap_or(i64::MAX));
+        let admission = Admission::new(max_in_flight, metrics.in_flight.clone());
+        MeteringService { registry, ledger, max_price_nsat, max_message_bytes, metrics, admission }
     }
 
-    /// Validates, queues and awaits one request, and records its outcome and latency.
+    /// Admits, validates, queues and awaits one request, and records its outcome and
+    /// latency. Admission comes first: a shed request costs nearly nothing and changes
+    /// nothing.
     async fn meter_one(&self, r: pb::MeterRequest) -> Result<pb::MeterResponse, ApiError> {
         let started = Instant::now();
-        let answered = match self.submit(r) {
+        let answered = match self.admission.admit().and_then(|slot| self.submit(r, slot)) {
             Ok(rx) => answer(rx).await,
             Err(e) => Err(e),
         };
@@ -53,10 +66,13 @@ impl MeteringService {
         answered
     }
 
-    /// Validates and queues one request; the receiver resolves once it is durable.
+    /// Validates and queues one admitted request; the receiver resolves once it is durable.
+    /// The slot goes with the request to the writer (or is released here if it fails
+    /// validation).
     fn submit(
         &self,
         r: pb::MeterRequest,
+        admitted: Admitted,
     ) -> Result<oneshot::Receiver<Result<MeterOutcome, ApiError>>, ApiError> {
         super::check_size(&r, self.max_message_bytes)?;
         let input = MeterInput {
@@ -74,8 +90,36 @@ impl MeteringService {
         let prepared =
             prepare(&self.registry.snapshot(), input, Timestamp(unix_now()), self.max_price_nsat)?;
         let (reply, rx) = oneshot::channel();
-        self.ledger.submit(MeterJob { prepared, include_shares: r.include_shares, reply })?;
+        self.ledger.submit(MeterJob {
+            prepared,
+            include_shares: r.include_shares,
+            reply,
+            admitted,
+        })?;
         Ok(rx)
+    }
+}
+
+impl MeteringService {
+    /// A stream's request, admitted (or shed), as the future of its answer: answered in
+    /// order, after every earlier request of the stream.
+    fn queue(
+        &self,
+        r: pb::MeterRequest,
+        slot: Result<Admitted, ApiError>,
+        started: Instant,
+    ) -> impl std::future::Future<Output = Result<pb::MeterResponse, ApiError>> {
+        let rx = slot.and_then(|slot| self.submit(r, slot)).unwrap_or_else(|e| {
+            let (failed, rx) = oneshot::channel();
+            let _ = failed.send(Err(e));
+            rx
+        });
+        let metrics = self.metrics.clone();
+        async move {
+            let answered = answer(rx).await;
+            record(&metrics, &answered, started);
+            answered
+        }
     }
 }
 
@@ -153,6 +197,13 @@ impl Metering for MeteringService {
     /// the stream with its error status — a gRPC stream carries one final status — after
     /// every earlier request was answered; the client resends from the first unanswered
     /// request with the same ids, so nothing accrues twice.
+    ///
+    /// Admission: each request takes a slot of the shared in-flight bound. A request read
+    /// when none is free waits (and the stream reads no more, so HTTP/2 flow control holds
+    /// the client back) only while this stream has answers of its own still to come, each
+    /// of which frees a slot; with nothing of its own in flight it is shed with
+    /// `OVERLOADED` like a unary call. A stream at the bound is slowed, not failed, and it
+    /// never holds a slot while it waits for input.
     async fn meter_stream(
         &self,
         req: Request<Streaming<pb::MeterRequest>>,
@@ -166,14 +217,29 @@ impl Metering for MeteringService {
             max_price_nsat: self.max_price_nsat,
             max_message_bytes: self.max_message_bytes,
             metrics: self.metrics.clone(),
+            admission: self.admission.clone(),
         };
         tokio::spawn(async move {
             let mut pending = FuturesOrdered::new();
+            // A request read but not yet admitted (no slot was free), with when it was read.
+            let mut held: Option<(pb::MeterRequest, Instant)> = None;
             let mut input_open = true;
             // Why the input ended early (e.g. a message that is not protobuf): told to the
             // client after the answers before it, so a cut stream never ends as if complete.
             let mut input_error = None;
             loop {
+                // The held request gets a slot if one is free now; if none is and nothing
+                // of ours is in flight to free one, it is shed.
+                if let Some((r, started)) = held.take() {
+                    match this.admission.try_admit() {
+                        Some(slot) => pending.push_back(this.queue(r, Ok(slot), started)),
+                        None if pending.is_empty() => {
+                            pending.push_back(this.queue(r, Err(shed()), started))
+                        }
+                        None => held = Some((r, started)),
+                    }
+                }
+                let read = input_open && held.is_none() && pending.len() < STREAM_WINDOW;
                 tokio::select! {
                     biased;
                     Some(done) = pending.next(), if !pending.is_empty() => {
@@ -183,23 +249,9 @@ impl Metering for MeteringService {
                             return;
                         }
                     }
-                    next = input.next(), if input_open && pending.len() < STREAM_WINDOW => {
+                    next = input.next(), if read => {
                         match next {
-                            Some(Ok(r)) => {
-                                let started = Instant::now();
-                                let rx = this.submit(r).unwrap_or_else(|e| {
-                                    // Answered in order, after every earlier request.
-                                    let (failed, rx) = oneshot::channel();
-                                    let _ = failed.send(Err(e));
-                                    rx
-                                });
-                                let metrics = this.metrics.clone();
-                                pending.push_back(async move {
-                                    let answered = answer(rx).await;
-                                    record(&metrics, &answered, started);
-                                    answered
-                                });
-                            }
+                            Some(Ok(r)) => held = Some((r, Instant::now())),
                             Some(Err(status)) => {
                                 tracing::debug!("meter stream input error: {status}");
                                 input_open = false;
