@@ -365,18 +365,7 @@ fn check_ledger(
 pub fn run(dir: &std::path::Path, args: &OverloadArgs) -> Result<(), BenchError> {
     let data_dir = dir.join("daemon");
     let db = tribute_daemon::server::database_path(&data_dir);
-    let daemon_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.daemon_workers.max(1))
-        .thread_name("daemon-worker")
-        .enable_all()
-        .build()
-        .map_err(|e| BenchError::msg(e.to_string()))?;
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.client_workers.max(1))
-        .thread_name("client-worker")
-        .enable_all()
-        .build()
-        .map_err(|e| BenchError::msg(e.to_string()))?;
+    let (daemon_rt, client_rt) = setup::runtimes(args.daemon_workers, args.client_workers)?;
 
     let mut config = setup::config(&data_dir);
     if let Some(m) = args.max_in_flight {

@@ -238,3 +238,20 @@ pub fn meter_request(prefix: &str, task: usize, i: u64) -> pb::MeterRequest {
         include_shares: false,
     }
 }
+
+/// The daemon's runtime and the clients' runtime, with their worker counts (at least one
+/// each); the ledger writer is the daemon's own OS thread. All share the machine's cores.
+pub fn runtimes(
+    daemon_workers: usize,
+    client_workers: usize,
+) -> Result<(tokio::runtime::Runtime, tokio::runtime::Runtime), BenchError> {
+    let build = |workers: usize, name: &str| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers.max(1))
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .map_err(|e| BenchError::msg(e.to_string()))
+    };
+    Ok((build(daemon_workers, "daemon-worker")?, build(client_workers, "client-worker")?))
+}

@@ -43,25 +43,6 @@ fn requests() -> Vec<pb::MeterRequest> {
         .collect()
 }
 
-/// Sends `reqs` on one stream; the answers in order until the stream ends or fails.
-async fn stream(
-    meter: &mut MeteringClient<Authed>,
-    reqs: Vec<pb::MeterRequest>,
-) -> (Vec<pb::MeterResponse>, Option<tonic::Status>) {
-    let mut out = match meter.meter_stream(futures::stream::iter(reqs)).await {
-        Ok(r) => r.into_inner(),
-        Err(s) => return (vec![], Some(s)),
-    };
-    let mut answers = Vec::new();
-    loop {
-        match out.message().await {
-            Ok(Some(a)) => answers.push(a),
-            Ok(None) => return (answers, None),
-            Err(s) => return (answers, Some(s)),
-        }
-    }
-}
-
 fn count(db: &std::path::Path, sql: &str) -> i64 {
     let conn = rusqlite::Connection::open(db).expect("open");
     conn.query_row(sql, [], |r| r.get(0)).expect("count")
@@ -111,7 +92,7 @@ async fn a_failure_at_each_step_of_the_metering_transaction_is_consistent_and_th
         }
 
         // The faulted batch: nothing from it on is acknowledged.
-        let (answers, failed) = stream(&mut meter, requests()).await;
+        let (answers, failed) = meter_stream(meter.clone(), requests()).await;
         assert!(answers.is_empty(), "{name}: answered {} after the fault point", answers.len());
         let failed = failed.expect("the stream fails at the fault point");
         assert_eq!(failed.code(), Code::Unavailable, "{name}: {failed:?}");
@@ -140,7 +121,7 @@ async fn a_failure_at_each_step_of_the_metering_transaction_is_consistent_and_th
             assert!(a.replayed, "{name}: {id} was acknowledged, so it is a replay");
             assert_eq!(a.receipt.as_ref(), Some(receipt), "{name}: the same receipt");
         }
-        let (answers, failed) = stream(&mut meter, requests()).await;
+        let (answers, failed) = meter_stream(meter.clone(), requests()).await;
         assert!(failed.is_none(), "{name}: retry failed: {failed:?}");
         assert_eq!(answers.len(), 40, "{name}: every retried request answered");
         let replayed = answers.iter().filter(|a| a.replayed).count() as i64;

@@ -56,25 +56,6 @@ async fn wait_full(d: &TestDaemon, hold: &WriterHold) {
     panic!("in flight: {} of {BOUND}", d.running().metrics.in_flight.get());
 }
 
-/// Sends `reqs` on one stream; the answers until the stream ends or fails.
-async fn stream(
-    mut meter: MeteringClient<Authed>,
-    reqs: Vec<pb::MeterRequest>,
-) -> (Vec<pb::MeterResponse>, Option<tonic::Status>) {
-    let mut out = match meter.meter_stream(futures::stream::iter(reqs)).await {
-        Ok(r) => r.into_inner(),
-        Err(s) => return (vec![], Some(s)),
-    };
-    let mut answers = Vec::new();
-    loop {
-        match out.message().await {
-            Ok(Some(a)) => answers.push(a),
-            Ok(None) => return (answers, None),
-            Err(s) => return (answers, Some(s)),
-        }
-    }
-}
-
 /// `call`, which must not wait for the stopped writer: a request past the bound that
 /// waited instead of being shed would hang here, so give up (generously) and fail.
 async fn at_once<T>(what: &str, call: impl std::future::Future<Output = T>) -> T {
@@ -122,7 +103,7 @@ async fn past_the_in_flight_bound_requests_are_shed_with_overloaded_and_leave_no
     // stream ends with that status (as for any failed request on a stream).
     let (answers, failed) = at_once(
         "stream",
-        stream(meter.clone(), vec![request("s-3"), request("s-4"), request("s-5")]),
+        meter_stream(meter.clone(), vec![request("s-3"), request("s-4"), request("s-5")]),
     )
     .await;
     assert!(answers.is_empty(), "stream answered {} past the bound", answers.len());
@@ -157,7 +138,7 @@ async fn past_the_in_flight_bound_requests_are_shed_with_overloaded_and_leave_no
     // meanwhile is shed, and once the writer goes on the stream's requests all accrue.
     hold.close();
     let streamed: Vec<_> = (0..3 * BOUND).map(|i| request(&format!("t-{i}"))).collect();
-    let streaming = tokio::spawn(stream(meter.clone(), streamed));
+    let streaming = tokio::spawn(meter_stream(meter.clone(), streamed));
     wait_full(&d, &hold).await;
     let shed = at_once("unary", meter.clone().meter(request("u-0"))).await.expect_err("shed");
     assert_shed(&shed, "unary u-0 beside a stream at the bound");

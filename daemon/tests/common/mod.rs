@@ -364,3 +364,22 @@ pub async fn settle_until_succeeded(d: &TestDaemon, n: i64) {
         assert!(std::time::Instant::now() < deadline, "only {done} of {n} settlements succeeded");
     }
 }
+
+/// Sends `reqs` on one `MeterStream`; the answers in order until the stream ends or fails.
+pub async fn meter_stream(
+    mut meter: MeteringClient<Authed>,
+    reqs: Vec<pb::MeterRequest>,
+) -> (Vec<pb::MeterResponse>, Option<tonic::Status>) {
+    let mut out = match meter.meter_stream(futures::stream::iter(reqs)).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => return (vec![], Some(s)),
+    };
+    let mut answers = Vec::new();
+    loop {
+        match out.message().await {
+            Ok(Some(a)) => answers.push(a),
+            Ok(None) => return (answers, None),
+            Err(s) => return (answers, Some(s)),
+        }
+    }
+}
