@@ -252,8 +252,14 @@ impl Operator for OperatorService {
         };
         let id = node.open_channel(request.clone()).await.map_err(ln_error)?;
         // After the open: the keeper never sees a target whose first channel is not listed.
+        // The channel is open either way: failing the call now would invite a second open.
         let targets = self.targets.clone();
-        blocking(move || targets.opened(&request).map_err(ApiError::from)).await?;
+        if let Err(e) = blocking(move || targets.opened(&request).map_err(ApiError::from)).await {
+            tracing::error!(
+                peer = %hex::encode(node_id),
+                "channel opened, but not recorded to be kept open: {e}"
+            );
+        }
         Ok(Response::new(pb::OpenLightningChannelResponse { user_channel_id: id.0.to_string() }))
     }
 
