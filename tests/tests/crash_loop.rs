@@ -483,6 +483,28 @@ async fn onchain_address(op: &pb::operator_client::OperatorClient<Authed>) -> Ad
         .expect("regtest")
 }
 
+/// Waits until tributed's spendable on-chain balance satisfies `ok`.
+async fn until_spendable(
+    op: &pb::operator_client::OperatorClient<Authed>,
+    what: &str,
+    ok: impl Fn(u64) -> bool,
+) {
+    wait_for(what, || {
+        let mut op = op.clone();
+        let ok = &ok;
+        async move {
+            let sat = op
+                .get_onchain_balance(pb::GetOnchainBalanceRequest {})
+                .await
+                .map_err(|s| s.to_string())?
+                .into_inner()
+                .spendable_sat;
+            ok(sat).then_some(()).ok_or(format!("{sat} sat"))
+        }
+    })
+    .await;
+}
+
 /// Funds tributed's node from the faucet and opens a private channel to each member.
 async fn fund_and_open(w: &World, chain: &DevChain, spare_channels: u64) {
     let mut op = w.operator().await.expect("operator");
@@ -490,18 +512,7 @@ async fn fund_and_open(w: &World, chain: &DevChain, spare_channels: u64) {
     let address = onchain_address(&op).await;
     chain.faucet(&address, Amount::from_sat(funding)).expect("faucet");
     chain.mine_blocks(1).expect("mine");
-    wait_for("tributed's node to see its funds", || {
-        let mut op = op.clone();
-        async move {
-            let b = op
-                .get_onchain_balance(pb::GetOnchainBalanceRequest {})
-                .await
-                .map_err(|s| s.to_string())?
-                .into_inner();
-            (b.spendable_sat >= funding).then_some(()).ok_or(format!("{} sat", b.spendable_sat))
-        }
-    })
-    .await;
+    until_spendable(&op, "tributed's node to see its funds", |sat| sat >= funding).await;
     for (k, m) in w.members.iter().enumerate() {
         op.open_lightning_channel(pb::OpenLightningChannelRequest {
             node_id: m.ln.node_id().to_vec(),
@@ -522,18 +533,8 @@ async fn fund_and_open(w: &World, chain: &DevChain, spare_channels: u64) {
         // wallet counts this funding transaction (the balance is below what k + 1 opens
         // leave before fees).
         let left = funding - CHANNEL_SATS * (k as u64 + 1);
-        wait_for("tributed's wallet to see the funding transaction", || {
-            let mut op = op.clone();
-            async move {
-                let b = op
-                    .get_onchain_balance(pb::GetOnchainBalanceRequest {})
-                    .await
-                    .map_err(|s| s.to_string())?
-                    .into_inner();
-                (b.spendable_sat > 0 && b.spendable_sat < left)
-                    .then_some(())
-                    .ok_or(format!("{} sat", b.spendable_sat))
-            }
+        until_spendable(&op, "tributed's wallet to see the funding transaction", |sat| {
+            sat > 0 && sat < left
         })
         .await;
     }
