@@ -15,6 +15,8 @@ pub struct Snapshot {
     roles: BTreeMap<&'static str, u64>,
     /// Machine: (busy ticks, all ticks) over every CPU.
     machine: (u64, u64),
+    /// Context switches of this process's threads: (voluntary, involuntary).
+    switches: (u64, u64),
 }
 
 /// CPU used between two snapshots.
@@ -25,6 +27,9 @@ pub struct Usage {
     pub wall: f64,
     /// Fraction of the whole machine that was busy (all processes), 0..=1.
     pub machine_busy: f64,
+    /// Context switches of this process's threads: (voluntary, involuntary). A voluntary
+    /// one is a thread going to sleep (parking, blocking I/O); each costs a wake-up later.
+    pub switches: (u64, u64),
 }
 
 fn role(comm: &str) -> &'static str {
@@ -49,6 +54,18 @@ fn stat_ticks(stat: &str) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
+/// `voluntary_ctxt_switches` and `nonvoluntary_ctxt_switches` of a `/proc/.../status`.
+fn status_switches(status: &str) -> (u64, u64) {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (field("voluntary_ctxt_switches:"), field("nonvoluntary_ctxt_switches:"))
+}
+
 fn machine() -> (u64, u64) {
     let Ok(s) = std::fs::read_to_string("/proc/stat") else { return (0, 0) };
     let Some(line) = s.lines().next() else { return (0, 0) };
@@ -62,9 +79,13 @@ fn machine() -> (u64, u64) {
 /// Reads the CPU times of every thread of this process and of the machine.
 pub fn snapshot() -> Snapshot {
     let mut roles = BTreeMap::new();
+    let mut switches = (0, 0);
     if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
         for task in dir.flatten() {
             let path = task.path();
+            let (v, i) =
+                status_switches(&std::fs::read_to_string(path.join("status")).unwrap_or_default());
+            switches = (switches.0 + v, switches.1 + i);
             let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
             let Some(ticks) =
                 std::fs::read_to_string(path.join("stat")).ok().as_deref().and_then(stat_ticks)
@@ -74,7 +95,7 @@ pub fn snapshot() -> Snapshot {
             *roles.entry(role(comm.trim())).or_insert(0) += ticks;
         }
     }
-    Snapshot { at: Instant::now(), roles, machine: machine() }
+    Snapshot { at: Instant::now(), roles, machine: machine(), switches }
 }
 
 impl Snapshot {
@@ -94,6 +115,10 @@ impl Snapshot {
             roles,
             wall: (later.at - self.at).as_secs_f64(),
             machine_busy: if all > 0.0 { busy / all } else { 0.0 },
+            switches: (
+                later.switches.0.saturating_sub(self.switches.0),
+                later.switches.1.saturating_sub(self.switches.1),
+            ),
         }
     }
 }
@@ -115,10 +140,12 @@ impl Usage {
             .collect();
         parts.push(format!("total {:.1} µs", self.total() * 1e6 / n));
         format!(
-            "{} (process {:.2} cores, machine {:.0}% busy)",
+            "{} (process {:.2} cores, machine {:.0}% busy; context switches per call {:.2} voluntary, {:.2} involuntary)",
             parts.join(", "),
             self.total() / self.wall,
-            self.machine_busy * 100.0
+            self.machine_busy * 100.0,
+            self.switches.0 as f64 / n,
+            self.switches.1 as f64 / n,
         )
     }
 }

@@ -40,7 +40,6 @@ use crate::registry::{fresh_aux, Registry, Snapshot};
 use crate::store::{self, StoreError};
 use ldk_node::bitcoin::secp256k1::Keypair;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
-use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
@@ -176,13 +175,14 @@ enum Seqs {
 /// Request id → event sequence numbers, by 64-bit hash (collisions are resolved against
 /// the stored rows). ~40 bytes per request in memory.
 pub struct IdIndex {
-    hasher: RandomState,
-    map: HashMap<u64, Seqs>,
+    hasher: foldhash::quality::RandomState,
+    /// Keyed by an already seeded hash, so the map's own hashing need not resist anything.
+    map: HashMap<u64, Seqs, foldhash::fast::RandomState>,
 }
 
 impl IdIndex {
     fn new() -> Self {
-        IdIndex { hasher: RandomState::new(), map: HashMap::new() }
+        IdIndex { hasher: Default::default(), map: HashMap::default() }
     }
 
     fn insert(&mut self, request_id: &str, seq: u64) {
@@ -386,6 +386,11 @@ const MAX_RIDE_WAIT: Duration = Duration::from_millis(5);
 /// Rounds this small are signed on the writer itself (≈ 25 µs per head).
 const SIGN_INLINE_MAX: usize = 4;
 
+/// Maps and sets keyed by contributor, with a fast seeded hash: the writer looks up every
+/// contributor of a batch several times, and SipHash showed in its profile.
+type KeyMap<V> = HashMap<PublicKey, V, foldhash::fast::RandomState>;
+type KeySet = HashSet<PublicKey, foldhash::fast::RandomState>;
+
 /// Channel heads handed to the signer, and the signed states it returns.
 type Heads = Vec<(PublicKey, ChannelState)>;
 type SignedHeads = Vec<(PublicKey, Signed<ChannelState>)>;
@@ -434,9 +439,9 @@ struct Writer {
     network: Network,
     provider: Keypair,
     provider_key: PublicKey,
-    channels: HashMap<PublicKey, ChannelEntry>,
+    channels: KeyMap<ChannelEntry>,
     /// Channels whose head changed since it was last handed to the signer.
-    dirty: HashSet<PublicKey>,
+    dirty: KeySet,
     ids: SharedIds,
     next_event_seq: u64,
     next_batch_seq: u64,
@@ -453,7 +458,7 @@ struct Writer {
     /// Since when `signed_pending` is not empty.
     pending_since: Option<Instant>,
     /// Channels whose row lags their head: the first batch the row does not show.
-    unwritten: HashMap<PublicKey, u64>,
+    unwritten: KeyMap<u64>,
     /// Test-only fault point (`faults`): where, and at which batch.
     fault: Option<(MeterFault, u64)>,
     /// A fault point was reached: the writer stops as if the process died.
@@ -480,8 +485,8 @@ impl Ledger {
             network,
             provider,
             provider_key: PublicKey::from(provider.x_only_public_key().0),
-            channels: HashMap::new(),
-            dirty: HashSet::new(),
+            channels: KeyMap::default(),
+            dirty: KeySet::default(),
             ids: ids.clone(),
             next_event_seq: 1,
             next_batch_seq: 1,
@@ -493,7 +498,7 @@ impl Ledger {
             in_flight: Vec::new(),
             signed_pending: Vec::new(),
             pending_since: None,
-            unwritten: HashMap::new(),
+            unwritten: KeyMap::default(),
             fault: crate::faults::take_armed(),
             halted: false,
             hold: crate::faults::take_hold(),
@@ -781,7 +786,7 @@ impl Writer {
             return;
         }
         let applied = self.next_batch_seq - 1;
-        let persisted: HashSet<PublicKey> = self.signed_pending.iter().map(|(k, _)| *k).collect();
+        let persisted: KeySet = self.signed_pending.iter().map(|(k, _)| *k).collect();
         let watermark = self.watermark_after_writing(&persisted);
         let channels = &self.channels;
         let written = self
@@ -805,7 +810,7 @@ impl Writer {
 
     /// The watermark once the rows of `written` are rewritten as of the last batch: the
     /// batch before the first one some other channel's row does not show yet.
-    fn watermark_after_writing(&self, written: &HashSet<PublicKey>) -> u64 {
+    fn watermark_after_writing(&self, written: &KeySet) -> u64 {
         let applied = self.next_batch_seq - 1;
         self.unwritten
             .iter()
@@ -853,7 +858,7 @@ impl Writer {
             signed_at: entry.signed_at,
         };
         let key = job.contributor_key;
-        let written: HashSet<PublicKey> = [key].into_iter().collect();
+        let written: KeySet = [key].into_iter().collect();
         let watermark = self.watermark_after_writing(&written);
         let applied = self.next_batch_seq - 1;
         let seq = signed.message.seq;
@@ -1040,7 +1045,7 @@ impl Writer {
                 *sum = sum.checked_add(*share).map_err(overflow)?;
             }
         }
-        let mut sums: HashMap<PublicKey, Nsat> = HashMap::new();
+        let mut sums: KeyMap<Nsat> = KeyMap::default();
         for (w, totals) in groups.weights.iter().zip(&totals) {
             for ((key, _), amount) in w.entries().iter().zip(totals) {
                 if !amount.is_zero() {
@@ -1074,7 +1079,7 @@ impl Writer {
         let accruals = encode_accruals(&accruals);
         // Rows of the channels this batch touches lag from this batch on, except new ones
         // (inserted below) and those whose signed state this transaction stores.
-        let persisted: HashSet<PublicKey> = self.signed_pending.iter().map(|(k, _)| *k).collect();
+        let persisted: KeySet = self.signed_pending.iter().map(|(k, _)| *k).collect();
         let watermark = self
             .unwritten
             .iter()
@@ -1157,7 +1162,7 @@ impl Writer {
             }
             // Signed states whose signature is not yet durable ride along, with their
             // channels' rows as of this batch.
-            let staged_entries: HashMap<PublicKey, &ChannelEntry> =
+            let staged_entries: KeyMap<&ChannelEntry> =
                 staged.iter().map(|(k, e, _)| (*k, e)).collect();
             persist_states(
                 &tx,
@@ -1212,8 +1217,7 @@ impl Writer {
             .weights
             .iter()
             .map(|w| {
-                let flags: Vec<bool> =
-                    w.entries().iter().map(|(k, _)| self.hub.has_event_subscribers(k)).collect();
+                let flags = self.hub.event_listeners(w.entries().iter().map(|(k, _)| k));
                 flags.contains(&true).then_some(flags)
             })
             .collect();

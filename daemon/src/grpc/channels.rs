@@ -140,9 +140,9 @@ impl Channels for ChannelsService {
         let caller = authorize(&req, policy::READ_CHANNEL)?;
         let r = req.get_ref();
         let key = channel_subject(&caller, optional_key(&r.contributor_key, "contributor_key")?)?;
-        let sub = self.hub.subscribe(&key);
+        let sub = self.hub.subscribe(&key, r.states_only);
         let mut state = sub.state;
-        let mut events = if r.states_only { None } else { Some(sub.events) };
+        let mut events = sub.events;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(async move {
             // The latest state first.
