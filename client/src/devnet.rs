@@ -105,15 +105,13 @@ pub async fn fund_and_open(
         .map_err(|e| format!("the daemon's address: {e}"))?;
     chain.faucet(&address, Amount::from_sat(funding_sat)).map_err(|e| format!("faucet: {e}"))?;
     chain.mine_blocks(1).map_err(|e| format!("mining: {e}"))?;
-    wait_until("the daemon's node to see its funds", || async {
+    let spendable = || async {
         sync().await;
-        let b = op
-            .clone()
-            .get_onchain_balance(pb::GetOnchainBalanceRequest {})
-            .await
-            .ok()?
-            .into_inner();
-        (b.spendable_sat >= funding_sat).then_some(())
+        let b = op.clone().get_onchain_balance(pb::GetOnchainBalanceRequest {}).await.ok()?;
+        Some(b.into_inner().spendable_sat)
+    };
+    let start = wait_until("the daemon's node to see its funds", || async {
+        spendable().await.filter(|&sat| sat >= funding_sat)
     })
     .await?;
     let before = op
@@ -124,7 +122,7 @@ pub async fn fund_and_open(
         .into_inner()
         .channels
         .len();
-    for p in peers {
+    for (k, p) in peers.iter().enumerate() {
         op.clone()
             .open_lightning_channel(pb::OpenLightningChannelRequest {
                 node_id: p.node.node_id().to_vec(),
@@ -139,7 +137,14 @@ pub async fn fund_and_open(
         wait_until("the funding transaction", || async { (chain.mempool_len() > 0).then_some(()) })
             .await?;
         chain.mine_blocks(1).map_err(|e| format!("mining: {e}"))?;
-        sync().await;
+        // The next open must not pick the output this one spent: wait until the daemon's
+        // wallet counts this funding transaction (its balance is then below what k + 1
+        // opens leave before fees). A daemon in another process syncs on its own schedule.
+        let left = start.saturating_sub(channel_sat * (k as u64 + 1));
+        wait_until("the daemon's wallet to see the funding transaction", || async {
+            spendable().await.filter(|&sat| sat > 0 && sat < left)
+        })
+        .await?;
     }
     chain.mine_blocks(6).map_err(|e| format!("mining: {e}"))?;
     let want = before + peers.len();

@@ -51,6 +51,7 @@ use tribute_daemon::lightning::{
 };
 use tribute_daemon::reconcile;
 use tribute_proto::v1 as pb;
+use tribute_tests::ln::Peer;
 use tribute_tests::tributed::{self, Tributed};
 use tribute_tests::{contributor_at, setup_model_with, Authed};
 
@@ -483,68 +484,22 @@ async fn onchain_address(op: &pb::operator_client::OperatorClient<Authed>) -> Ad
         .expect("regtest")
 }
 
-/// Waits until tributed's spendable on-chain balance satisfies `ok`.
-async fn until_spendable(
-    op: &pb::operator_client::OperatorClient<Authed>,
-    what: &str,
-    ok: impl Fn(u64) -> bool,
-) {
-    wait_for(what, || {
-        let mut op = op.clone();
-        let ok = &ok;
-        async move {
-            let sat = op
-                .get_onchain_balance(pb::GetOnchainBalanceRequest {})
-                .await
-                .map_err(|s| s.to_string())?
-                .into_inner()
-                .spendable_sat;
-            ok(sat).then_some(()).ok_or(format!("{sat} sat"))
-        }
-    })
-    .await;
-}
-
 /// Funds tributed's node from the faucet and opens a private channel to each member.
 async fn fund_and_open(w: &World, chain: &DevChain, spare_channels: u64) {
-    let mut op = w.operator().await.expect("operator");
+    let op = w.operator().await.expect("operator");
+    let peers: Vec<Peer> = w
+        .members
+        .iter()
+        .map(|m| Peer { node: &m.ln, address: m.ln_addr.clone(), announce: false })
+        .collect();
     let funding = CHANNEL_SATS * w.members.len() as u64 + 1_000_000;
-    let address = onchain_address(&op).await;
-    chain.faucet(&address, Amount::from_sat(funding)).expect("faucet");
-    chain.mine_blocks(1).expect("mine");
-    until_spendable(&op, "tributed's node to see its funds", |sat| sat >= funding).await;
-    for (k, m) in w.members.iter().enumerate() {
-        op.open_lightning_channel(pb::OpenLightningChannelRequest {
-            node_id: m.ln.node_id().to_vec(),
-            address: m.ln_addr.clone(),
-            amount_sat: CHANNEL_SATS,
-            push_msat: 0,
-            announce: false,
-        })
-        .await
-        .expect("open channel");
-        // One funding transaction at a time: each spends the previous one's change.
-        wait_for("the funding transaction", || async {
-            (chain.mempool_len() > 0).then_some(()).ok_or_else(|| "empty mempool".to_owned())
-        })
-        .await;
-        chain.mine_blocks(1).expect("mine");
-        // The next open must not pick the output this one spent: wait until tributed's
-        // wallet counts this funding transaction (the balance is below what k + 1 opens
-        // leave before fees).
-        let left = funding - CHANNEL_SATS * (k as u64 + 1);
-        until_spendable(&op, "tributed's wallet to see the funding transaction", |sat| {
-            sat > 0 && sat < left
-        })
-        .await;
-    }
+    tribute_tests::ln::fund_and_open(&op, chain, None, funding, CHANNEL_SATS, &peers).await;
     // Spare coins, one output each, for the keeper to reopen channels a crash force-closed
     // (the closed channel's own funds come back only after its CSV delay), and some for
     // each receiving node, to pay the fees of claiming an HTLC on-chain after such a close
     // (anchor channels: the claim brings its own fee).
-    let spare = w.operator().await.expect("operator");
     for _ in 0..spare_channels {
-        let address = onchain_address(&spare).await;
+        let address = onchain_address(&op).await;
         chain.faucet(&address, Amount::from_sat(CHANNEL_SATS + 100_000)).expect("faucet");
     }
     for m in &w.members {
@@ -552,26 +507,6 @@ async fn fund_and_open(w: &World, chain: &DevChain, spare_channels: u64) {
         chain.faucet(&address, Amount::from_sat(RECEIVER_SATS)).expect("faucet");
     }
     chain.mine_blocks(6).expect("mine");
-    let n = w.members.len();
-    wait_for("the channels to become usable", || async {
-        for m in &w.members {
-            let _ = m.ln.sync_wallets().await;
-        }
-        let list = w
-            .operator()
-            .await?
-            .list_lightning_channels(pb::ListLightningChannelsRequest {})
-            .await
-            .map_err(|s| s.to_string())?
-            .into_inner()
-            .channels;
-        (list.len() == n && list.iter().all(|c| c.usable)).then_some(()).ok_or(format!(
-            "{} channels, {} usable",
-            list.len(),
-            list.iter().filter(|c| c.usable).count()
-        ))
-    })
-    .await;
 }
 
 fn write_config(path: &Path, data: &Path, grpc_port: u16, chain: &DevChain, ln_port: u16) {
