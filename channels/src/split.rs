@@ -133,10 +133,15 @@ impl Weights {
         for (index, &(_, weight)) in self.entries.iter().enumerate() {
             let weight = u128::from(weight);
             let (quotient, remainder) = match rest.checked_mul(weight) {
-                Some(product) => {
-                    let q = product / total;
-                    (q, product - q * total)
-                }
+                // Weights and pools of everyday size keep both operands in u64, where the
+                // division is a single instruction instead of a call into the u128 routine.
+                Some(product) => match (u64::try_from(product), u64::try_from(total)) {
+                    (Ok(p), Ok(t)) => (u128::from(p / t), u128::from(p % t)),
+                    _ => {
+                        let q = product / total;
+                        (q, product - q * total)
+                    }
+                },
                 None => {
                     let (q, r) = (U256::new(rest) * U256::new(weight)).div_rem(U256::new(total));
                     // q <= rest*w/T < 2^64 and r < T: both fit u128.
