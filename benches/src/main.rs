@@ -65,8 +65,8 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     client_workers: usize,
     /// HTTP/2 connections the callers of a phase share (caller k uses connection k mod n).
-    /// One connection under 64 concurrent calls stalls ~40 ms now and then (h2 flow
-    /// control); a client pool of a few connections is what the provider SDK uses.
+    /// The default is the provider SDK's pool (`provider.connections`). One connection
+    /// caps the empty RPC well below what several reach (docs/PERFORMANCE.md).
     #[arg(long, default_value_t = 4)]
     connections: usize,
     /// Concurrent MeterStream calls.
