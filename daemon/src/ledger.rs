@@ -1382,6 +1382,11 @@ pub fn read_channels<P: rusqlite::Params>(
     network: Network,
     provider_key: PublicKey,
 ) -> Result<Vec<CurrentChannel>, StoreError> {
+    // The rows and the batches they lag are read from one snapshot. Two autocommit reads
+    // could straddle a writer commit that rewrites rows and moves the watermark past
+    // batches the first read's rows lack: those accruals would be left out (a balance shown,
+    // or settled, lower than the signed one). Inside a caller's transaction it is one already.
+    let _snapshot = if conn.is_autocommit() { Some(conn.unchecked_transaction()?) } else { None };
     let rows = conn
         .prepare_cached(&format!("SELECT {CHANNEL_COLUMNS} FROM channels {filter}"))?
         .query_map(params, ChannelRow::from_row)?

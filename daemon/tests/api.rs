@@ -266,6 +266,79 @@ async fn restart_keeps_balances_states_and_receipts() {
     check_receipt(&d, "a-3").await;
 }
 
+/// `read_channels` reads the channel rows and the batches they lag from one snapshot. Here a
+/// writer commit that catches every row up and moves the watermark (what persisting signed
+/// states does) lands between its two queries: read as two autocommit statements, the rows
+/// came from before it and the watermark from after, and the lagging accruals went missing.
+#[tokio::test(flavor = "multi_thread")]
+async fn channel_reads_are_one_snapshot_while_rows_catch_up() {
+    use tribute_daemon::ledger::read_channels;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(&dir.path().join("daemon"));
+    config.meter.stream_interval_ms = 600_000;
+    let d = TestDaemon::start_with(config).await;
+    setup_model(&d, MODEL, &OWNERS, 500_000).await;
+    let mut meter = d.metering(Some(&d.provider_token)).await;
+    meter.meter(usage_request("s-0", MODEL, 5, 5)).await.expect("meter");
+    d.running().flush().await;
+    for i in 1..12 {
+        meter.meter(usage_request(&format!("s-{i}"), MODEL, i, 2 * i)).await.expect("meter");
+    }
+    let image = dir.path().join("image.sqlite");
+    rusqlite::Connection::open(d.db_path())
+        .expect("open")
+        .execute("VACUUM INTO ?1", [image.to_str().expect("utf-8 path")])
+        .expect("snapshot");
+    let pools = db_total_pools(&image);
+    assert!(db_total_accrued(&image) < pools, "the rows must lag, or this test shows nothing");
+    let provider = d.running().provider_key;
+
+    let writer = rusqlite::Connection::open(&image).expect("open");
+    writer.pragma_update(None, "journal_mode", "WAL").expect("wal");
+    let heads = read_channels(&writer, "", [], Network::Regtest, provider).expect("heads");
+    let last: i64 = writer
+        .query_row("SELECT MAX(batch_seq) FROM receipt_batches", [], |r| r.get(0))
+        .expect("last batch");
+    let catch_up = move || {
+        let tx = writer.unchecked_transaction().expect("begin");
+        for c in &heads {
+            let (msat, rem) = tribute_daemon::store::nsat_to_columns(c.head.accrued_nsat).unwrap();
+            tx.execute(
+                "UPDATE channels SET accrued_msat = ?1, accrued_rem_nsat = ?2,
+                    applied_batch_seq = ?3 WHERE channel_id = ?4",
+                rusqlite::params![msat, rem, last, &c.head.channel_id.0[..]],
+            )
+            .expect("row");
+        }
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'accruals_applied_through'",
+            [(last as u64).to_be_bytes().to_vec()],
+        )
+        .expect("watermark");
+        tx.commit().expect("commit");
+    };
+    let reader = rusqlite::Connection::open(&image).expect("open");
+    // Load the schema first: reading it runs statements too, and the commit must land in
+    // the middle of `read_channels`, not before it.
+    let _: i64 = reader.query_row("SELECT COUNT(*) FROM channels", [], |r| r.get(0)).expect("warm");
+    // (The handler must be unwind-safe; a panic in it fails the test either way.)
+    let mut pending = std::panic::AssertUnwindSafe(Some(catch_up));
+    reader.progress_handler(
+        1,
+        Some(move || {
+            if let Some(commit) = (*pending).take() {
+                commit();
+            }
+            false
+        }),
+    );
+    let read = read_channels(&reader, "", [], Network::Regtest, provider).expect("read");
+    reader.progress_handler(0, None::<fn() -> bool>);
+    assert_eq!(db_total_accrued(&image), pools, "the catch-up commit did not happen");
+    let total: u128 = read.iter().map(|c| c.head.accrued_nsat.0).sum();
+    assert_eq!(total, pools, "a read straddling the commit lost accruals");
+}
+
 /// A crash leaves the database as of some commit, where channel rows may lag their heads
 /// (a row is rewritten only with one of its signed states). A snapshot taken between commits
 /// (`VACUUM INTO`, with signing far off) is such a database. A daemon started on it replays
