@@ -47,6 +47,13 @@ struct Topic {
     events: Option<broadcast::Sender<HubEvent>>,
 }
 
+impl Topic {
+    /// `key`'s topic, created (with no state and no event buffer) if there is none.
+    fn of<'a>(topics: &'a mut HashMap<PublicKey, Topic>, key: &PublicKey) -> &'a mut Topic {
+        topics.entry(*key).or_insert_with(|| Topic { state: watch::channel(None).0, events: None })
+    }
+}
+
 /// The subscription hub.
 pub struct Hub {
     capacity: usize,
@@ -103,9 +110,7 @@ impl Hub {
     /// `states_only`.
     pub fn subscribe(self: &Arc<Self>, key: &PublicKey, states_only: bool) -> Subscription {
         let mut topics = self.write();
-        let t = topics
-            .entry(*key)
-            .or_insert_with(|| Topic { state: watch::channel(None).0, events: None });
+        let t = Topic::of(&mut topics, key);
         let events = (!states_only).then(|| {
             let rx =
                 t.events.get_or_insert_with(|| broadcast::channel(self.capacity).0).subscribe();
@@ -144,11 +149,7 @@ impl Hub {
         if let Some(t) = self.read().get(key) {
             return publish(t, state);
         }
-        let mut topics = self.write();
-        let t = topics
-            .entry(*key)
-            .or_insert_with(|| Topic { state: watch::channel(None).0, events: None });
-        publish(t, state);
+        publish(Topic::of(&mut self.write(), key), state);
     }
 
     /// Which of `keys` anyone listens to for events (so the writer can skip building
