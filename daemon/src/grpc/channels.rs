@@ -222,7 +222,9 @@ impl Channels for ChannelsService {
             Some(channel_subject(&caller, optional_key(&r.contributor_key, "contributor_key")?)?)
         };
         let channel = blocking(move || {
-            let conn = store::lock(&reader);
+            let lock = store::lock(&reader);
+            // The head and its latest signed state from one snapshot.
+            let conn = lock.unchecked_transaction().map_err(StoreError::from)?;
             let found = match (by_id, key) {
                 (Some(id), _) => read_channels(&conn, "WHERE channel_id = ?1", [&id.0[..]], network, provider),
                 (None, Some(k)) => read_channels(
@@ -326,7 +328,9 @@ impl Channels for ChannelsService {
         authorize(&req, policy::LIST_CHANNELS)?;
         let (network, provider, reader) = (self.network, self.provider_key, self.reader.clone());
         let channels = blocking(move || {
-            let conn = store::lock(&reader);
+            let lock = store::lock(&reader);
+            // Every head and its latest signed state from one snapshot.
+            let conn = lock.unchecked_transaction().map_err(StoreError::from)?;
             let channels = read_channels(
                 &conn,
                 "ORDER BY contributor_key, opened_batch_seq",
