@@ -9,6 +9,7 @@
 //! load shedding at 10× the sustainable rate (docs/PERFORMANCE.md, "Overload").
 
 mod cpu;
+mod id_index;
 mod knn;
 mod ln;
 mod load;
@@ -88,6 +89,11 @@ struct Args {
     /// Instead: the KNN-Shapley valuator on synthetic float32 embeddings (no daemon).
     #[arg(long)]
     knn: bool,
+    /// Instead: insert this many request ids into the ledger's request-id index, and into
+    /// one unsharded table of the same entry size, and report the longest single insert
+    /// (a table that grows rehashes everything at once, under the writer's lock).
+    #[arg(long)]
+    id_index: Option<u64>,
     /// `--knn`: training points.
     #[arg(long, default_value_t = 100_000)]
     knn_train: usize,
@@ -226,6 +232,10 @@ fn check_errors(what: &str, errors: u64, first: &Option<String>) -> Result<(), B
 fn main() -> Result<(), BenchError> {
     let args = Args::parse();
     let timing = Timing::new(args.quick);
+    if let Some(n) = args.id_index {
+        id_index::run(n);
+        return Ok(());
+    }
     if args.knn {
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         return knn::run(&knn::KnnBench {

@@ -174,33 +174,62 @@ enum Seqs {
 
 /// Request id → event sequence numbers, by 64-bit hash (collisions are resolved against
 /// the stored rows). ~40 bytes per request in memory.
+///
+/// The map is split into [`ID_SHARDS`] shards by the top bits of the hash. A hash table
+/// grows by rehashing every entry into a table twice the size in one insert, and the writer
+/// inserts holding the index lock: with one table, every `Meter` in flight waited ~20 ms
+/// when it doubled at 2 M ids and 0.3–0.9 s at 8 M (`tribute-bench --id-index`,
+/// docs/PERFORMANCE.md), and a daemon that has metered for a while holds far more. A shard
+/// holds 1/[`ID_SHARDS`] of the ids, so it rehashes that much at a time.
 pub struct IdIndex {
     hasher: foldhash::quality::RandomState,
-    /// Keyed by an already seeded hash, so the map's own hashing need not resist anything.
-    map: HashMap<u64, Seqs, foldhash::fast::RandomState>,
+    /// Keyed by an already seeded hash, so the maps' own hashing need not resist anything.
+    shards: Box<[HashMap<u64, Seqs, foldhash::fast::RandomState>]>,
+}
+
+/// Shards of the [`IdIndex`] (a power of two).
+const ID_SHARDS: usize = 1024;
+
+impl Default for IdIndex {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl IdIndex {
-    fn new() -> Self {
-        IdIndex { hasher: Default::default(), map: HashMap::default() }
+    /// An empty index.
+    pub fn new() -> Self {
+        IdIndex {
+            hasher: Default::default(),
+            shards: (0..ID_SHARDS).map(|_| HashMap::default()).collect(),
+        }
     }
 
-    fn insert(&mut self, request_id: &str, seq: u64) {
+    /// The hash of `request_id` and its shard.
+    fn locate(&self, request_id: &str) -> (u64, usize) {
         let h = self.hasher.hash_one(request_id);
-        match self.map.get_mut(&h) {
+        (h, (h >> (64 - ID_SHARDS.trailing_zeros())) as usize)
+    }
+
+    /// Records that `request_id` is the event `seq`.
+    pub fn insert(&mut self, request_id: &str, seq: u64) {
+        let (h, shard) = self.locate(request_id);
+        let map = &mut self.shards[shard];
+        match map.get_mut(&h) {
             None => {
-                self.map.insert(h, Seqs::One(seq));
+                map.insert(h, Seqs::One(seq));
             }
             Some(Seqs::One(first)) => {
                 let first = *first;
-                self.map.insert(h, Seqs::Many(vec![first, seq]));
+                map.insert(h, Seqs::Many(vec![first, seq]));
             }
             Some(Seqs::Many(v)) => v.push(seq),
         }
     }
 
     fn candidates(&self, request_id: &str) -> Vec<u64> {
-        match self.map.get(&self.hasher.hash_one(request_id)) {
+        let (h, shard) = self.locate(request_id);
+        match self.shards[shard].get(&h) {
             None => Vec::new(),
             Some(Seqs::One(s)) => vec![*s],
             Some(Seqs::Many(v)) => v.clone(),
@@ -209,12 +238,16 @@ impl IdIndex {
 
     /// Number of requests indexed.
     pub fn len(&self) -> usize {
-        self.map.values().map(|s| if let Seqs::Many(v) = s { v.len() } else { 1 }).sum()
+        self.shards
+            .iter()
+            .flat_map(|m| m.values())
+            .map(|s| if let Seqs::Many(v) = s { v.len() } else { 1 })
+            .sum()
     }
 
     /// Whether empty.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.shards.iter().all(HashMap::is_empty)
     }
 }
 
@@ -1660,5 +1693,42 @@ fn outcome(
         leaf_index,
         replayed,
         shares: include_shares.then(|| p.receipt().shares),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_index_finds_every_id_across_its_shards() {
+        let mut ids = IdIndex::new();
+        let n = 200_000u64;
+        for seq in 1..=n {
+            ids.insert(&format!("req-{seq}"), seq);
+        }
+        assert_eq!(ids.len(), n as usize);
+        for seq in 1..=n {
+            assert!(ids.candidates(&format!("req-{seq}")).contains(&seq), "req-{seq} lost");
+        }
+        assert!(!ids.candidates("never-sent").contains(&0));
+        // The ids are spread over the shards, so no shard rehashes more than a sliver of
+        // them at once.
+        let largest = ids.shards.iter().map(HashMap::len).max().unwrap_or(0);
+        let used = ids.shards.iter().filter(|m| !m.is_empty()).count();
+        assert!(used > ID_SHARDS * 9 / 10, "only {used} of {ID_SHARDS} shards used");
+        assert!(largest < 4 * n as usize / ID_SHARDS, "a shard holds {largest} of {n} ids");
+    }
+
+    #[test]
+    fn id_index_keeps_every_seq_of_one_hash() {
+        let mut ids = IdIndex::new();
+        assert!(ids.is_empty());
+        ids.insert("a", 1);
+        ids.insert("a", 7);
+        ids.insert("a", 9);
+        assert_eq!(ids.candidates("a"), vec![1, 7, 9]);
+        assert_eq!(ids.len(), 3);
+        assert!(!ids.is_empty());
     }
 }
