@@ -6,7 +6,8 @@
 //!
 //! `cargo run --release -p tribute-bench -- [--quick]`; `-- --knn` instead measures the
 //! KNN-Shapley valuator (docs/PERFORMANCE.md, "KNN-Shapley valuator"); `-- --overload`
-//! load shedding at 10× the sustainable rate (docs/PERFORMANCE.md, "Overload").
+//! load shedding at 10× the sustainable rate (docs/PERFORMANCE.md, "Overload"); `--
+//! --id-index N` how long the ledger's request-id index stalls an insert as it grows.
 
 mod cpu;
 mod id_index;
