@@ -124,6 +124,25 @@ impl Snapshot {
 }
 
 impl Usage {
+    /// The CPU of two windows together (the machine's busy share weighted by wall time).
+    pub fn merge(self, other: Usage) -> Usage {
+        let mut roles = self.roles;
+        for (r, s) in other.roles {
+            *roles.entry(r).or_insert(0.0) += s;
+        }
+        let wall = self.wall + other.wall;
+        Usage {
+            roles,
+            wall,
+            machine_busy: if wall > 0.0 {
+                (self.machine_busy * self.wall + other.machine_busy * other.wall) / wall
+            } else {
+                0.0
+            },
+            switches: (self.switches.0 + other.switches.0, self.switches.1 + other.switches.1),
+        }
+    }
+
     /// Total CPU seconds of this process.
     pub fn total(&self) -> f64 {
         self.roles.values().sum()

@@ -39,6 +39,18 @@ pub struct Unary {
 }
 
 impl Unary {
+    /// Two measurement windows of the same call as one (rates over the summed windows).
+    pub fn merge(mut self, other: Unary) -> Result<Unary, BenchError> {
+        self.completed += other.completed;
+        self.window += other.window;
+        self.latency_us.add(&other.latency_us).map_err(|e| BenchError::msg(e.to_string()))?;
+        self.errors += other.errors;
+        self.first_error = self.first_error.or(other.first_error);
+        self.acknowledged += other.acknowledged;
+        self.cpu = self.cpu.merge(other.cpu);
+        Ok(self)
+    }
+
     /// Requests per second in the window.
     pub fn rate(&self) -> f64 {
         self.completed as f64 / self.window.as_secs_f64()

@@ -147,6 +147,9 @@ struct Args {
 
 /// Phase lengths.
 struct Timing {
+    /// Alternations of the empty RPC and `Meter` per concurrency (each gets 1/rounds of
+    /// its phase time, after its own warm-up).
+    rounds: usize,
     warmup: Duration,
     meter: Duration,
     empty: Duration,
@@ -158,6 +161,7 @@ impl Timing {
     fn new(quick: bool) -> Self {
         if quick {
             Timing {
+                rounds: 1,
                 warmup: Duration::from_millis(300),
                 meter: Duration::from_secs(2),
                 empty: Duration::from_millis(1500),
@@ -166,6 +170,7 @@ impl Timing {
             }
         } else {
             Timing {
+                rounds: 3,
                 warmup: Duration::from_secs(1),
                 meter: Duration::from_secs(10),
                 empty: Duration::from_secs(6),
@@ -322,24 +327,47 @@ fn main() -> Result<(), BenchError> {
         let mut rows = Vec::new();
         for &c in args.concurrency.iter().filter(|c| **c > 0) {
             let load = load_average();
-            let empty =
-                load::unary(Call::Empty, &channels, &bearer, "", c, timing.warmup, timing.empty)
-                    .await?;
-            check_errors("empty RPC", empty.errors, &empty.first_error)?;
+            // The empty RPC and Meter alternate `rounds` times, so a drift of the machine's
+            // speed during the phase (15–25% within minutes here) weighs on both alike.
             let before = ledger_position(&db)?;
-            let meter = load::unary(
-                Call::Meter,
-                &channels,
-                &bearer,
-                &format!("c{c}"),
-                c,
-                timing.warmup,
-                timing.meter,
-            )
-            .await?;
-            check_errors("Meter", meter.errors, &meter.first_error)?;
+            let mut phases: Option<(load::Unary, load::Unary)> = None;
+            let mut ratios = Vec::with_capacity(timing.rounds);
+            for round in 0..timing.rounds {
+                let part = |d: Duration| d / timing.rounds as u32;
+                let empty = load::unary(
+                    Call::Empty,
+                    &channels,
+                    &bearer,
+                    "",
+                    c,
+                    timing.warmup,
+                    part(timing.empty),
+                )
+                .await?;
+                check_errors("empty RPC", empty.errors, &empty.first_error)?;
+                let meter = load::unary(
+                    Call::Meter,
+                    &channels,
+                    &bearer,
+                    &format!("c{c}r{round}"),
+                    c,
+                    timing.warmup,
+                    part(timing.meter),
+                )
+                .await?;
+                check_errors("Meter", meter.errors, &meter.first_error)?;
+                ratios.push(format!("{:.2}", meter.rate() / empty.rate()));
+                phases = Some(match phases {
+                    None => (empty, meter),
+                    Some((e, m)) => (e.merge(empty)?, m.merge(meter)?),
+                });
+            }
+            let Some((empty, meter)) = phases else { continue };
             acknowledged += meter.acknowledged;
             let batch = mean_batch(before, ledger_position(&db)?);
+            if timing.rounds > 1 {
+                println!("concurrency {c:>3}: Meter ÷ empty RPC by round: {}", ratios.join(" "));
+            }
             println!(
                 "concurrency {c:>3}: Meter {:>8.0}/s p50 {:.2} ms p99 {:.2} ms p999 {:.2} ms \
                  (mean batch {batch:.1}); empty RPC {:>8.0}/s p50 {:.2} ms p99 {:.2} ms; load {load}",
