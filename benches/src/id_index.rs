@@ -2,7 +2,7 @@
 //! same entry size, filled with N ids. A hash table that grows rehashes every entry into a
 //! table twice the size in one insert; the writer does that holding the index lock, so every
 //! `Meter` waits for it. Reports the longest single insert and the inserts over 1 ms of each.
-//! Method and figures: docs/PERFORMANCE.md, "Request-id index".
+//! Method and figures: docs/PERFORMANCE.md, "2026-11-30, later" (the request-id index).
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
