@@ -9,15 +9,16 @@ use std::hash::BuildHasher;
 use std::time::{Duration, Instant};
 use tribute_daemon::ledger::IdIndex;
 
-/// Longest insert, inserts over 1 ms, and the whole fill.
+/// Longest insert, inserts over 1 ms, the whole fill, and the table bytes at the end.
 struct Fill {
     longest: Duration,
     over_1ms: usize,
     total: Duration,
+    bytes: usize,
 }
 
 fn fill(n: u64, mut insert: impl FnMut(&str, u64)) -> Fill {
-    let mut out = Fill { longest: Duration::ZERO, over_1ms: 0, total: Duration::ZERO };
+    let mut out = Fill { longest: Duration::ZERO, over_1ms: 0, total: Duration::ZERO, bytes: 0 };
     let mut id = String::new();
     let start = Instant::now();
     for seq in 1..=n {
@@ -36,25 +37,29 @@ fn fill(n: u64, mut insert: impl FnMut(&str, u64)) -> Fill {
 
 fn report(what: &str, n: u64, f: &Fill) {
     println!(
-        "{what:>28}: {n} ids in {:.2} s ({:.0} ns/insert); longest insert {:.2} ms; inserts over 1 ms: {}",
+        "{what:>28}: {n} ids in {:.2} s ({:.0} ns/insert); longest insert {:.2} ms; inserts over 1 ms: {}; tables {:.1} bytes/id",
         f.total.as_secs_f64(),
         f.total.as_nanos() as f64 / n as f64,
         f.longest.as_secs_f64() * 1e3,
-        f.over_1ms
+        f.over_1ms,
+        f.bytes as f64 / n as f64
     );
 }
 
 /// Runs both fills and prints them.
 pub fn run(n: u64) {
     let mut index = IdIndex::new();
-    let sharded = fill(n, |id, seq| index.insert(id, seq));
+    let mut sharded = fill(n, |id, seq| index.insert(id, seq));
+    sharded.bytes = index.table_bytes();
     drop(index);
     // The index before it was sharded: one table of 64-bit id hash → 24-byte entry.
     let hasher = foldhash::quality::RandomState::default();
     let mut one: HashMap<u64, [u64; 3], foldhash::fast::RandomState> = HashMap::default();
-    let single = fill(n, |id, seq| {
+    let mut single = fill(n, |id, seq| {
         one.insert(hasher.hash_one(id), [seq, 0, 0]);
     });
-    report("IdIndex (sharded)", n, &sharded);
+    // Slots (8/7 of the capacity at 7/8 load) of entry plus control byte.
+    single.bytes = one.capacity() / 7 * 8 * (std::mem::size_of::<(u64, [u64; 3])>() + 1);
+    report("IdIndex (now)", n, &sharded);
     report("one table (before)", n, &single);
 }

@@ -40,6 +40,7 @@ use crate::registry::{fresh_aux, Registry, Snapshot};
 use crate::store::{self, StoreError};
 use ldk_node::bitcoin::secp256k1::Keypair;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
@@ -167,13 +168,9 @@ pub struct EventRow {
     pub leaf_index: u32,
 }
 
-enum Seqs {
-    One(u64),
-    Many(Vec<u64>),
-}
-
 /// Request id → event sequence numbers, by 64-bit hash (collisions are resolved against
-/// the stored rows). ~40 bytes per request in memory.
+/// the stored rows). ~25 bytes per request in memory (a 16-byte entry plus the table's
+/// control byte and slack).
 ///
 /// The map is split into [`ID_SHARDS`] shards by the top bits of the hash. A hash table
 /// grows by rehashing every entry into a table twice the size in one insert, and the writer
@@ -183,8 +180,12 @@ enum Seqs {
 /// holds 1/[`ID_SHARDS`] of the ids, so it rehashes that much at a time.
 pub struct IdIndex {
     hasher: foldhash::quality::RandomState,
-    /// Keyed by an already seeded hash, so the maps' own hashing need not resist anything.
-    shards: Box<[HashMap<u64, Seqs, foldhash::fast::RandomState>]>,
+    /// Hash → the first event with it. Keyed by an already seeded hash, so the maps' own
+    /// hashing need not resist anything.
+    shards: Box<[HashMap<u64, u64, foldhash::fast::RandomState>]>,
+    /// Hash → the later events with that same hash (a 64-bit collision): almost always
+    /// empty, so the common entry stays 16 bytes.
+    more: HashMap<u64, Vec<u64>, foldhash::fast::RandomState>,
 }
 
 /// Shards of the [`IdIndex`] (a power of two).
@@ -202,6 +203,7 @@ impl IdIndex {
         IdIndex {
             hasher: Default::default(),
             shards: (0..ID_SHARDS).map(|_| HashMap::default()).collect(),
+            more: HashMap::default(),
         }
     }
 
@@ -214,40 +216,46 @@ impl IdIndex {
     /// Records that `request_id` is the event `seq`.
     pub fn insert(&mut self, request_id: &str, seq: u64) {
         let (h, shard) = self.locate(request_id);
-        let map = &mut self.shards[shard];
-        match map.get_mut(&h) {
-            None => {
-                map.insert(h, Seqs::One(seq));
+        match self.shards[shard].entry(h) {
+            Entry::Vacant(e) => {
+                e.insert(seq);
             }
-            Some(Seqs::One(first)) => {
-                let first = *first;
-                map.insert(h, Seqs::Many(vec![first, seq]));
-            }
-            Some(Seqs::Many(v)) => v.push(seq),
+            Entry::Occupied(_) => self.more.entry(h).or_default().push(seq),
         }
     }
 
     fn candidates(&self, request_id: &str) -> Vec<u64> {
         let (h, shard) = self.locate(request_id);
-        match self.shards[shard].get(&h) {
-            None => Vec::new(),
-            Some(Seqs::One(s)) => vec![*s],
-            Some(Seqs::Many(v)) => v.clone(),
+        let Some(&first) = self.shards[shard].get(&h) else { return Vec::new() };
+        let mut all = vec![first];
+        if let Some(more) = self.more.get(&h) {
+            all.extend_from_slice(more);
         }
+        all
     }
 
     /// Number of requests indexed.
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .flat_map(|m| m.values())
-            .map(|s| if let Seqs::Many(v) = s { v.len() } else { 1 })
-            .sum()
+        self.shards.iter().map(HashMap::len).sum::<usize>()
+            + self.more.values().map(Vec::len).sum::<usize>()
     }
 
     /// Whether empty.
     pub fn is_empty(&self) -> bool {
         self.shards.iter().all(HashMap::is_empty)
+    }
+
+    /// About the bytes the index's tables hold: their slots (entry and control byte) as
+    /// the tables are sized now (the rare collision lists aside).
+    pub fn table_bytes(&self) -> usize {
+        let slot = std::mem::size_of::<(u64, u64)>() + 1;
+        // A table of capacity c has c + 1 slots when small, else 8/7 of c (7/8 load).
+        let slots = |c: usize| match c {
+            0 => 0,
+            1..=7 => c + 1,
+            _ => c / 7 * 8,
+        };
+        self.shards.iter().map(|m| slots(m.capacity()) * slot).sum()
     }
 }
 
