@@ -169,13 +169,13 @@ pub struct EventRow {
 }
 
 /// Request id → event sequence numbers, by 64-bit hash (collisions are resolved against
-/// the stored rows). ~25 bytes per request in memory (a 16-byte entry plus the table's
+/// the stored rows). 20–36 bytes per request in memory (a 16-byte entry plus the table's
 /// control byte and slack).
 ///
 /// The map is split into [`ID_SHARDS`] shards by the top bits of the hash. A hash table
 /// grows by rehashing every entry into a table twice the size in one insert, and the writer
 /// inserts holding the index lock: with one table, every `Meter` in flight waited ~20 ms
-/// when it doubled at 2 M ids and 0.3–0.9 s at 8 M (`tribute-bench --id-index`,
+/// when it doubled at 2 M ids and 0.3–1.25 s at 8 M (`tribute-bench --id-index`,
 /// docs/PERFORMANCE.md), and a daemon that has metered for a while holds far more. A shard
 /// holds 1/[`ID_SHARDS`] of the ids, so it rehashes that much at a time.
 pub struct IdIndex {
